@@ -1,0 +1,151 @@
+// CUDA plan executor: one launch copies every segment of a plan (all layers, both K and V).
+// Segments are resolved to absolute addresses on the host and cut into pieces of at most
+// kPieceBytes; one warp copies one piece at a time with the widest loads the piece's alignment
+// allows (16 bytes when source and destination are 16-byte aligned).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "llumnix_kv/copy.h"
+
+namespace llumnix_kv {
+namespace {
+
+struct Piece {
+  uint64_t src;
+  uint64_t dst;
+  uint64_t len;
+};
+
+constexpr uint64_t kPieceBytes = 32 << 10;  // 64 iterations of a warp's 512-byte int4 sweep
+constexpr int kThreadsPerBlock = 256;
+constexpr int kMaxBlocks = 16384;
+
+template <typename T>
+__device__ __forceinline__ void WarpCopy(const char* src, char* dst, uint64_t len, int lane) {
+  const T* s = reinterpret_cast<const T*>(src);
+  T* d = reinterpret_cast<T*>(dst);
+  const uint64_t n = len / sizeof(T);
+  uint64_t i = lane;
+  for (; i + 96 < n; i += 128) {  // four independent loads in flight per lane
+    const T a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
+    d[i] = a;
+    d[i + 32] = b;
+    d[i + 64] = c;
+    d[i + 96] = e;
+  }
+  for (; i < n; i += 32) d[i] = s[i];
+  for (uint64_t j = n * sizeof(T) + lane; j < len; j += 32) dst[j] = src[j];
+}
+
+__global__ void CopyPiecesKernel(const Piece* __restrict__ pieces, int64_t num_pieces) {
+  const int lane = threadIdx.x & 31;
+  const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+       w < num_pieces; w += num_warps) {
+    const Piece p = pieces[w];
+    const char* src = reinterpret_cast<const char*>(p.src);
+    char* dst = reinterpret_cast<char*>(p.dst);
+    const uint64_t align = p.src | p.dst;
+    if ((align & 15) == 0) {
+      WarpCopy<int4>(src, dst, p.len, lane);
+    } else if ((align & 7) == 0) {
+      WarpCopy<int2>(src, dst, p.len, lane);
+    } else if ((align & 3) == 0) {
+      WarpCopy<int>(src, dst, p.len, lane);
+    } else {
+      WarpCopy<char>(src, dst, p.len, lane);
+    }
+  }
+}
+
+Status FromCuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return Status::DeviceError(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+cudaStream_t AsStream(uint64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+}  // namespace
+
+bool CudaCompiled() { return true; }
+
+std::string CudaBuildInfo() {
+  return "CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
+         std::to_string(CUDART_VERSION % 1000 / 10) + ", archs " + LLUMNIX_KV_CUDA_ARCHS;
+}
+
+int CudaDeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver (error 35) or no device: clear the sticky error
+    return 0;
+  }
+  return n;
+}
+
+Status CopyCuda(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, uint64_t stream) {
+  LLUMNIX_KV_RETURN_IF_ERROR(CheckCopyTarget(plan, mode, target));
+  std::vector<Piece> pieces;
+  pieces.reserve(plan.size());
+  for (size_t i = 0; i < plan.size(); ++i) {
+    uint64_t src, dst;
+    ResolveSegment(plan, i, mode, target, &src, &dst);
+    const uint64_t len = static_cast<uint64_t>(plan.len[i]);
+    for (uint64_t off = 0; off < len; off += kPieceBytes) {
+      pieces.push_back({src + off, dst + off, std::min(kPieceBytes, len - off)});
+    }
+  }
+  if (pieces.empty()) return Status::Ok();
+  const cudaStream_t s = AsStream(stream);
+  const size_t bytes = pieces.size() * sizeof(Piece);
+  Piece* device_pieces = nullptr;
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(
+      cudaMallocAsync(reinterpret_cast<void**>(&device_pieces), bytes, s), "cudaMallocAsync"));
+  // From pageable memory this returns once `pieces` has been staged, so it may go out of scope.
+  Status st =
+      FromCuda(cudaMemcpyAsync(device_pieces, pieces.data(), bytes, cudaMemcpyHostToDevice, s),
+               "cudaMemcpyAsync(pieces)");
+  if (st.ok()) {
+    const int64_t n = static_cast<int64_t>(pieces.size());
+    const int warps_per_block = kThreadsPerBlock / 32;
+    const int blocks = static_cast<int>(
+        std::min<int64_t>((n + warps_per_block - 1) / warps_per_block, kMaxBlocks));
+    CopyPiecesKernel<<<blocks, kThreadsPerBlock, 0, s>>>(device_pieces, n);
+    st = FromCuda(cudaGetLastError(), "CopyPiecesKernel launch");
+  }
+  const Status freed = FromCuda(cudaFreeAsync(device_pieces, s), "cudaFreeAsync");
+  return st.ok() ? freed : st;
+}
+
+Status CudaMemcpy(uint64_t dst, uint64_t src, uint64_t bytes, uint64_t stream) {
+  return FromCuda(cudaMemcpyAsync(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), bytes,
+                                  cudaMemcpyDefault, AsStream(stream)),
+                  "cudaMemcpyAsync");
+}
+
+Status CudaStreamSynchronize(uint64_t stream) {
+  return FromCuda(cudaStreamSynchronize(AsStream(stream)), "cudaStreamSynchronize");
+}
+
+Status CudaMalloc(uint64_t bytes, int device, uint64_t* ptr) {
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaSetDevice(device), "cudaSetDevice"));
+  void* p = nullptr;
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaMalloc(&p, bytes), "cudaMalloc"));
+  *ptr = reinterpret_cast<uint64_t>(p);
+  return Status::Ok();
+}
+
+Status CudaFree(uint64_t ptr) {
+  return FromCuda(cudaFree(reinterpret_cast<void*>(ptr)), "cudaFree");
+}
+
+Status CudaMemcpyHostDevice(uint64_t dst, uint64_t src, uint64_t bytes) {
+  return FromCuda(cudaMemcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), bytes,
+                             cudaMemcpyDefault),
+                  "cudaMemcpy");
+}
+
+}  // namespace llumnix_kv

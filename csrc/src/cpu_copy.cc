@@ -1,0 +1,97 @@
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "llumnix_kv/copy.h"
+#include "thread_pool.h"
+
+namespace llumnix_kv {
+namespace {
+
+// Below this many bytes per thread, waking another thread costs more than it saves.
+constexpr int64_t kMinBytesPerThread = 256 << 10;
+
+std::mutex g_pool_mu;
+std::shared_ptr<ThreadPool> g_pool;  // a copy in flight keeps its pool alive
+int g_pool_threads = 0;
+
+int DefaultThreads() {
+  const unsigned hw = std::thread::hardware_concurrency();
+  return static_cast<int>(std::clamp(hw == 0 ? 1u : hw, 1u, 8u));
+}
+
+std::shared_ptr<ThreadPool> Pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  if (!g_pool) {
+    if (g_pool_threads <= 0) g_pool_threads = DefaultThreads();
+    g_pool = std::make_shared<ThreadPool>(g_pool_threads);
+  }
+  return g_pool;
+}
+
+// Copies bytes [begin, end) of the plan's packed byte stream (the staging order).
+void CopyByteRange(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, int64_t begin,
+                   int64_t end) {
+  const auto& stage = plan.staging_off;
+  size_t i = std::upper_bound(stage.begin(), stage.end(), begin) - stage.begin() - 1;
+  for (int64_t pos = begin; pos < end; ++i) {
+    uint64_t src, dst;
+    ResolveSegment(plan, i, mode, target, &src, &dst);
+    const int64_t skip = pos - stage[i];
+    const int64_t n = std::min(stage[i + 1], end) - pos;
+    std::memcpy(reinterpret_cast<void*>(dst + skip), reinterpret_cast<const void*>(src + skip), n);
+    pos += n;
+  }
+}
+
+}  // namespace
+
+Status CheckCopyTarget(const CopyPlan& plan, CopyMode mode, const CopyTarget& target) {
+  if (mode != CopyMode::kScatter && target.src_bases == nullptr && plan.size() > 0) {
+    return Status::InvalidArgument("source region bases are missing");
+  }
+  if (mode != CopyMode::kGather && target.dst_bases == nullptr && plan.size() > 0) {
+    return Status::InvalidArgument("destination region bases are missing");
+  }
+  if (mode != CopyMode::kDirect &&
+      (target.staging == 0 || target.staging_bytes < static_cast<uint64_t>(plan.total_bytes()))) {
+    return Status::InvalidArgument("staging buffer of " + std::to_string(target.staging_bytes) +
+                                   " bytes cannot hold the plan's " +
+                                   std::to_string(plan.total_bytes()) + " bytes");
+  }
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if ((mode != CopyMode::kScatter &&
+         static_cast<size_t>(plan.src_region[i]) >= target.num_src_regions) ||
+        (mode != CopyMode::kGather &&
+         static_cast<size_t>(plan.dst_region[i]) >= target.num_dst_regions)) {
+      return Status::OutOfRange("plan segment " + std::to_string(i) +
+                                " names a region that the target does not have");
+    }
+  }
+  return Status::Ok();
+}
+
+Status CopyCpu(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, int num_threads) {
+  LLUMNIX_KV_RETURN_IF_ERROR(CheckCopyTarget(plan, mode, target));
+  const int64_t total = plan.total_bytes();
+  if (total == 0) return Status::Ok();
+  const std::shared_ptr<ThreadPool> pool = Pool();
+  int n = num_threads <= 0 ? pool->size() : std::min(num_threads, pool->size());
+  n = static_cast<int>(std::clamp<int64_t>(total / kMinBytesPerThread, 1, n));
+  pool->Run(n,
+            [&](int t) { CopyByteRange(plan, mode, target, total * t / n, total * (t + 1) / n); });
+  return Status::Ok();
+}
+
+void SetCpuThreads(int n) {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  g_pool_threads = n <= 0 ? DefaultThreads() : n;
+  g_pool.reset();
+}
+
+int CpuThreads() { return Pool()->size(); }
+
+}  // namespace llumnix_kv
