@@ -29,6 +29,7 @@ __all__ = [
     "vllm_flash_attn",
     "vllm_flashinfer",
     "vllm_mla",
+    "with_regions",
 ]
 
 _NAMES = frozenset({"layer", "kv", "block", "token", "head", "slot", "dim"})
@@ -165,6 +166,7 @@ def layout_from_tensors(
         raise InvalidLayoutError(f"expected {mult} tensors for region_by {region_by}")
     layout.regions = [MemoryRegion(t.data_ptr(), _span_bytes(t), _device_index(t)) for t in tensors]
     layout.validate()
+    layout._owners = tuple(tensors)  # the layout holds addresses: keep the memory alive
     return layout
 
 
@@ -245,6 +247,15 @@ def sglang_mla(kv_buffers: Sequence[TensorLike], *, page_size: int) -> KvLayout:
     return layout_from_tensors(
         kv_buffers, ("slot", "head", "dim"), region_by=("layer",), page_tokens=page_size
     )
+
+
+def with_regions(layout: KvLayout, regions: Sequence[MemoryRegion]) -> KvLayout:
+    """The same layout over other memory: a device mirror, or a peer's copy of the cache.
+    The caller keeps that memory alive for as long as the layout is used."""
+    out = KvLayout(layout)
+    out.regions = list(regions)
+    out.validate()
+    return out
 
 
 def _token_head(layout: str) -> tuple[str, str]:

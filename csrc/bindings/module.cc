@@ -86,8 +86,11 @@ PYBIND11_MODULE(_C, m) {
                ", bytes=" + std::to_string(r.bytes) + ", device=" + std::to_string(r.device) + ")";
       });
 
-  py::class_<KvLayout>(m, "KvLayout")
+  // dynamic_attr: a layout built from tensors keeps them alive in a Python attribute.
+  py::class_<KvLayout>(m, "KvLayout", py::dynamic_attr())
       .def(py::init<>())
+      .def(py::init<const KvLayout&>(), py::arg("other"))
+      .def("__copy__", [](const KvLayout& l) { return KvLayout(l); })
       .def_readwrite("num_layers", &KvLayout::num_layers)
       .def_readwrite("num_kv", &KvLayout::num_kv)
       .def_readwrite("num_blocks", &KvLayout::num_blocks)

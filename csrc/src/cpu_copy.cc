@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -81,8 +82,20 @@ Status CopyCpu(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, in
   const std::shared_ptr<ThreadPool> pool = Pool();
   int n = num_threads <= 0 ? pool->size() : std::min(num_threads, pool->size());
   n = static_cast<int>(std::clamp<int64_t>(total / kMinBytesPerThread, 1, n));
-  pool->Run(n,
-            [&](int t) { CopyByteRange(plan, mode, target, total * t / n, total * (t + 1) / n); });
+  if (n == 1) {
+    CopyByteRange(plan, mode, target, 0, total);
+    return Status::Ok();
+  }
+  // Threads claim pieces from a shared counter instead of taking fixed halves, so a thread that
+  // is descheduled (a busy machine) delays the copy by one piece, not by its whole share.
+  const int64_t piece = std::max<int64_t>(kMinBytesPerThread, total / (int64_t{n} * 16));
+  const int64_t pieces = (total + piece - 1) / piece;
+  std::atomic<int64_t> next{0};
+  pool->Run(n, [&](int) {
+    for (int64_t p = next.fetch_add(1); p < pieces; p = next.fetch_add(1)) {
+      CopyByteRange(plan, mode, target, p * piece, std::min(total, (p + 1) * piece));
+    }
+  });
   return Status::Ok();
 }
 

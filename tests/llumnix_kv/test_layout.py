@@ -137,3 +137,14 @@ def test_errors_are_builtin_compatible() -> None:
     assert issubclass(errors.KvTimeoutError, TimeoutError)
     assert issubclass(errors.PeerLostError, ConnectionError)
     assert all(issubclass(c, errors.KvError) for c in errors._BY_CODE)
+
+
+def test_layout_keeps_its_tensors_alive() -> None:
+    import gc
+
+    lay = kvl.vllm_flash_attn([torch.ones(2, 4, 16, 8, 128, dtype=torch.bfloat16)])
+    gc.collect()
+    dst = kvl.vllm_flash_attn([torch.zeros(2, 4, 16, 8, 128, dtype=torch.bfloat16)])
+    kv.execute(kv.plan_copy(lay, dst, [0, 1], [2, 3]), lay, dst)
+    (out,) = dst._owners
+    assert float(out[:, 2:].float().mean()) == 1.0 and float(out[:, :2].float().abs().sum()) == 0
