@@ -16,6 +16,7 @@
 #include "llumnix_kv/layout.h"
 #include "llumnix_kv/plan.h"
 #include "llumnix_kv/status.h"
+#include "llumnix_kv/transfer/engine.h"
 
 namespace py = pybind11;
 using namespace llumnix_kv;
@@ -67,9 +68,166 @@ CopyMode ToMode(int mode) {
   return static_cast<CopyMode>(mode);
 }
 
+using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+
+py::tuple StatusTuple(const BatchStatus& b) {
+  return py::make_tuple(static_cast<int>(b.state), b.bytes, b.done_bytes, b.transport);
+}
+
+py::list NotificationList(const std::vector<Notification>& ns) {
+  py::list out;
+  for (const Notification& n : ns) out.append(py::make_tuple(n.peer, py::bytes(n.message)));
+  return out;
+}
+
+// Runs `fn` without the GIL, then raises its status.
+template <typename Fn>
+void Released(Fn&& fn) {
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = fn();
+  }
+  Check(st);
+}
+
+void BindTransferEngine(py::module_& m) {
+  py::class_<TransferEngine>(m, "TransferEngine")
+      .def(py::init([](const std::string& name, const std::string& listen_host, int listen_port,
+                       std::vector<std::string> transports, int tcp_streams,
+                       double connect_timeout_s, bool crc, int64_t debug_corrupt_every) {
+             EngineConfig cfg;
+             cfg.name = name;
+             cfg.listen_host = listen_host;
+             cfg.listen_port = listen_port;
+             cfg.transports = std::move(transports);
+             cfg.tcp_streams = tcp_streams;
+             cfg.connect_timeout_s = connect_timeout_s;
+             cfg.crc = crc;
+             cfg.debug_corrupt_every = debug_corrupt_every;
+             std::unique_ptr<TransferEngine> engine;
+             Released([&] { return TransferEngine::Create(cfg, &engine); });
+             return engine;
+           }),
+           py::arg("name") = "", py::arg("listen_host") = "127.0.0.1", py::arg("listen_port") = 0,
+           py::arg("transports") = std::vector<std::string>{"local", "shm", "ucx", "tcp"},
+           py::arg("tcp_streams") = 2, py::arg("connect_timeout_s") = 10.0, py::arg("crc") = false,
+           py::arg("debug_corrupt_every") = 0)
+      .def_property_readonly("name", &TransferEngine::name)
+      .def("transports", &TransferEngine::transports)
+      .def(
+          "alloc_shared",
+          [](TransferEngine& e, uint64_t bytes) {
+            uint64_t addr = 0;
+            Check(e.AllocShared(bytes, &addr));
+            return addr;
+          },
+          py::arg("bytes"))
+      .def(
+          "free_shared", [](TransferEngine& e, uint64_t addr) { Check(e.FreeShared(addr)); },
+          py::arg("addr"))
+      .def(
+          "register_memory",
+          [](TransferEngine& e, uint64_t addr, uint64_t len, int32_t device) {
+            uint64_t h = 0;
+            Check(e.RegisterMemory(addr, len, device, &h));
+            return h;
+          },
+          py::arg("addr"), py::arg("len"), py::arg("device") = -1)
+      .def(
+          "deregister_memory", [](TransferEngine& e, uint64_t h) { Check(e.DeregisterMemory(h)); },
+          py::arg("handle"))
+      .def("num_registrations", &TransferEngine::NumRegistrations)
+      .def("descriptor", [](const TransferEngine& e) { return py::bytes(e.Descriptor()); })
+      .def(
+          "add_peer",
+          [](TransferEngine& e, const py::bytes& desc, const std::string& transport) {
+            const std::string blob = desc;
+            uint64_t peer = 0;
+            std::string chosen;
+            Released([&] { return e.AddPeer(blob, transport, &peer, &chosen); });
+            return py::make_tuple(peer, chosen);
+          },
+          py::arg("descriptor"), py::arg("transport") = "")
+      .def(
+          "remove_peer",
+          [](TransferEngine& e, uint64_t peer) { Released([&] { return e.RemovePeer(peer); }); },
+          py::arg("peer"))
+      .def(
+          "peer_name",
+          [](const TransferEngine& e, uint64_t peer) {
+            std::string name;
+            Check(e.PeerName(peer, &name));
+            return name;
+          },
+          py::arg("peer"))
+      .def(
+          "submit",
+          [](TransferEngine& e, uint64_t peer, int op, const U64Array& local,
+             const U64Array& remote, const U64Array& lens, const py::bytes& notify,
+             double timeout_s, const std::string& transport, bool crc) {
+            if (local.ndim() != 1 || local.size() != remote.size() || local.size() != lens.size()) {
+              Check(Status::InvalidArgument("local, remote and lens must be 1-D of one length"));
+            }
+            std::vector<Segment> segs(local.size());
+            for (py::ssize_t i = 0; i < local.size(); ++i) {
+              segs[i] = {local.data()[i], remote.data()[i], lens.data()[i]};
+            }
+            SubmitOptions opts;
+            opts.notify = notify;
+            opts.timeout_s = timeout_s;
+            opts.transport = transport;
+            opts.crc = crc;
+            uint64_t batch = 0;
+            Released([&] {
+              return e.Submit(peer, static_cast<TransferOp>(op), std::move(segs), opts, &batch);
+            });
+            return batch;
+          },
+          py::arg("peer"), py::arg("op"), py::arg("local"), py::arg("remote"), py::arg("lens"),
+          py::arg("notify") = py::bytes(""), py::arg("timeout_s") = 0.0, py::arg("transport") = "",
+          py::arg("crc") = false)
+      .def(
+          "poll",
+          [](TransferEngine& e, uint64_t batch) {
+            BatchStatus b;
+            Check(e.Poll(batch, &b));
+            return StatusTuple(b);
+          },
+          py::arg("batch"))
+      .def(
+          "wait",
+          [](TransferEngine& e, uint64_t batch, double timeout_s) {
+            BatchStatus b;
+            Released([&] { return e.Wait(batch, timeout_s, &b); });
+            return StatusTuple(b);
+          },
+          py::arg("batch"), py::arg("timeout_s"))
+      .def(
+          "cancel", [](TransferEngine& e, uint64_t b) { Check(e.Cancel(b)); }, py::arg("batch"))
+      .def(
+          "release", [](TransferEngine& e, uint64_t b) { Check(e.Release(b)); }, py::arg("batch"))
+      .def("take_notifications",
+           [](TransferEngine& e) { return NotificationList(e.TakeNotifications()); })
+      .def(
+          "wait_notifications",
+          [](TransferEngine& e, double timeout_s) {
+            std::vector<Notification> ns;
+            Released([&] { return e.WaitNotifications(timeout_s, &ns); });
+            return NotificationList(ns);
+          },
+          py::arg("timeout_s"))
+      .def("shutdown", [](TransferEngine& e) {
+        py::gil_scoped_release release;
+        e.Shutdown();
+      });
+  m.def("live_registrations", &TransferEngine::LiveRegistrations);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  BindTransferEngine(m);
   m.doc() = "llumnix_kv native core: KV layouts, copy plans, CPU and CUDA executors";
   m.attr("NUM_STATUS_CODES") = Status::kNumCodes;
 

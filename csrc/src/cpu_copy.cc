@@ -33,19 +33,44 @@ std::shared_ptr<ThreadPool> Pool() {
   return g_pool;
 }
 
-// Copies bytes [begin, end) of the plan's packed byte stream (the staging order).
-void CopyByteRange(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, int64_t begin,
-                   int64_t end) {
-  const auto& stage = plan.staging_off;
-  size_t i = std::upper_bound(stage.begin(), stage.end(), begin) - stage.begin() - 1;
+// Copies bytes [begin, end) of a packed byte stream of n pieces, piece i starting at
+// offsets[i] (offsets has n + 1 entries); resolve(i, &src, &dst) gives piece i's addresses.
+template <typename Resolve>
+void CopyByteRange(const std::vector<int64_t>& offsets, int64_t begin, int64_t end,
+                   const Resolve& resolve) {
+  size_t i = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
   for (int64_t pos = begin; pos < end; ++i) {
     uint64_t src, dst;
-    ResolveSegment(plan, i, mode, target, &src, &dst);
-    const int64_t skip = pos - stage[i];
-    const int64_t n = std::min(stage[i + 1], end) - pos;
+    resolve(i, &src, &dst);
+    const int64_t skip = pos - offsets[i];
+    const int64_t n = std::min(offsets[i + 1], end) - pos;
     std::memcpy(reinterpret_cast<void*>(dst + skip), reinterpret_cast<const void*>(src + skip), n);
     pos += n;
   }
+}
+
+// Copies the whole stream on up to num_threads pool threads (<= 0: the pool size).
+template <typename Resolve>
+void CopyStream(const std::vector<int64_t>& offsets, int num_threads, const Resolve& resolve) {
+  const int64_t total = offsets.back();
+  if (total == 0) return;
+  const std::shared_ptr<ThreadPool> pool = Pool();
+  int n = num_threads <= 0 ? pool->size() : std::min(num_threads, pool->size());
+  n = static_cast<int>(std::clamp<int64_t>(total / kMinBytesPerThread, 1, n));
+  if (n == 1) {
+    CopyByteRange(offsets, 0, total, resolve);
+    return;
+  }
+  // Threads claim pieces from a shared counter instead of taking fixed shares, so a thread that
+  // is descheduled (a busy machine) delays the copy by one piece, not by its whole share.
+  const int64_t piece = std::max<int64_t>(kMinBytesPerThread, total / (int64_t{n} * 16));
+  const int64_t pieces = (total + piece - 1) / piece;
+  std::atomic<int64_t> next{0};
+  pool->Run(n, [&](int) {
+    for (int64_t p = next.fetch_add(1); p < pieces; p = next.fetch_add(1)) {
+      CopyByteRange(offsets, p * piece, std::min(total, (p + 1) * piece), resolve);
+    }
+  });
 }
 
 }  // namespace
@@ -77,26 +102,19 @@ Status CheckCopyTarget(const CopyPlan& plan, CopyMode mode, const CopyTarget& ta
 
 Status CopyCpu(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, int num_threads) {
   LLUMNIX_KV_RETURN_IF_ERROR(CheckCopyTarget(plan, mode, target));
-  const int64_t total = plan.total_bytes();
-  if (total == 0) return Status::Ok();
-  const std::shared_ptr<ThreadPool> pool = Pool();
-  int n = num_threads <= 0 ? pool->size() : std::min(num_threads, pool->size());
-  n = static_cast<int>(std::clamp<int64_t>(total / kMinBytesPerThread, 1, n));
-  if (n == 1) {
-    CopyByteRange(plan, mode, target, 0, total);
-    return Status::Ok();
-  }
-  // Threads claim pieces from a shared counter instead of taking fixed halves, so a thread that
-  // is descheduled (a busy machine) delays the copy by one piece, not by its whole share.
-  const int64_t piece = std::max<int64_t>(kMinBytesPerThread, total / (int64_t{n} * 16));
-  const int64_t pieces = (total + piece - 1) / piece;
-  std::atomic<int64_t> next{0};
-  pool->Run(n, [&](int) {
-    for (int64_t p = next.fetch_add(1); p < pieces; p = next.fetch_add(1)) {
-      CopyByteRange(plan, mode, target, p * piece, std::min(total, (p + 1) * piece));
-    }
+  CopyStream(plan.staging_off, num_threads, [&](size_t i, uint64_t* src, uint64_t* dst) {
+    ResolveSegment(plan, i, mode, target, src, dst);
   });
   return Status::Ok();
+}
+
+void CopyPiecesCpu(const std::vector<CopyPiece>& pieces, int num_threads) {
+  std::vector<int64_t> offsets(pieces.size() + 1, 0);
+  for (size_t i = 0; i < pieces.size(); ++i) offsets[i + 1] = offsets[i] + pieces[i].len;
+  CopyStream(offsets, num_threads, [&](size_t i, uint64_t* src, uint64_t* dst) {
+    *src = pieces[i].src;
+    *dst = pieces[i].dst;
+  });
 }
 
 void SetCpuThreads(int n) {

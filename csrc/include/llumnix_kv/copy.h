@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "llumnix_kv/plan.h"
 #include "llumnix_kv/status.h"
@@ -41,6 +42,14 @@ inline void ResolveSegment(const CopyPlan& plan, size_t i, CopyMode mode, const 
 // Host memory: splits the plan's bytes evenly over up to `num_threads` threads of the process
 // pool (<= 0: the pool size). Blocks until done; safe to call without the GIL.
 Status CopyCpu(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, int num_threads);
+
+// Host memory: copies plain pieces (src, dst, len) with the same thread pool and splitting.
+struct CopyPiece {
+  uint64_t src = 0;
+  uint64_t dst = 0;
+  uint64_t len = 0;
+};
+void CopyPiecesCpu(const std::vector<CopyPiece>& pieces, int num_threads);
 
 // Threads of the CPU pool (default: hardware concurrency, at most 8).
 void SetCpuThreads(int n);

@@ -1,0 +1,55 @@
+// Value types of the transfer engine's public API.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace llumnix_kv {
+
+enum class TransferOp : int {
+  kWrite = 0,  // push: local memory -> the peer's memory
+  kRead = 1,   // pull: the peer's memory -> local memory
+};
+
+// One contiguous piece of a transfer: `len` bytes between a local and a remote address. Both
+// must lie inside memory registered with the respective engine.
+struct Segment {
+  uint64_t local = 0;
+  uint64_t remote = 0;
+  uint64_t len = 0;
+};
+
+enum class BatchState : int { kPending = 0, kDone = 1, kFailed = 2 };
+
+struct Notification {
+  std::string peer;  // the sending engine's agent name
+  std::string message;
+};
+
+struct SubmitOptions {
+  std::string notify;     // delivered to the peer after the batch's data has landed
+  double timeout_s = 0;   // > 0: the batch fails with Timeout if not done by then
+  std::string transport;  // "" = the link's transport; else force one ("tcp", "shm", ...)
+  bool crc = false;       // end-to-end CRC32C of the payload (also: EngineConfig::crc)
+};
+
+struct EngineConfig {
+  std::string name;  // agent name; "" = generated
+  std::string listen_host = "127.0.0.1";
+  int listen_port = 0;                                                // 0 = any free port
+  std::vector<std::string> transports{"local", "shm", "ucx", "tcp"};  // allowed, best first
+  int tcp_streams = 2;  // parallel TCP connections per peer
+  double connect_timeout_s = 10;
+  bool crc = false;                 // CRC every batch
+  int64_t debug_corrupt_every = 0;  // tests only: flip a received byte in every Nth part
+};
+
+struct BatchStatus {
+  BatchState state = BatchState::kPending;
+  uint64_t bytes = 0;       // payload bytes of the batch
+  uint64_t done_bytes = 0;  // bytes landed so far
+  std::string transport;
+};
+
+}  // namespace llumnix_kv

@@ -1,0 +1,1 @@
+"""Benchmark helpers for llumnix_kv (peer transfer engines used as baselines)."""

@@ -1,0 +1,308 @@
+"""Transfer engine: every transport moves the right bytes, notifies after the data, honours
+deadlines and cancellation, survives a lost peer and garbage input, and releases everything."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import llumnix_kv as kv
+from llumnix_kv import _C, errors
+from llumnix_kv import layout as kvl
+from llumnix_kv.transfer import TransferEngine
+from tests.llumnix_kv.kv_formats import (
+    FORMATS_BY_NAME,
+    Shape,
+    clone_cache,
+    reference_copy,
+    same_bytes,
+)
+from tests.llumnix_kv.transfer_peer import PeerProcess
+
+BLOCK = 16 << 10
+
+
+def scattered(n: int, nblocks: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(nblocks)[:n].astype(np.uint64)
+
+
+@pytest.fixture
+def baseline_registrations():
+    before = _C.live_registrations()
+    yield before
+    assert _C.live_registrations() == before
+
+
+@pytest.mark.parametrize("transport", ["local", "shm", "tcp"])
+def test_plan_between_different_layouts_in_one_process(
+    transport: str, baseline_registrations
+) -> None:
+    """Prefill cache (NHD, 16-token blocks, TP1) -> decode cache (HND, 64-token blocks, rank 1
+    of TP2) through the engine, then read it back; notifications arrive after the data."""
+    src_fmt, dst_fmt = (
+        FORMATS_BY_NAME["vllm_flash_attn_nhd"],
+        FORMATS_BY_NAME["vllm_flash_attn_hnd"],
+    )
+    src_shape = Shape(2, 10, 16, 8, 32, torch.bfloat16)
+    dst_shape = Shape(2, 4, 64, 4, 32, torch.bfloat16)
+    src, dst = src_fmt.alloc(src_shape), dst_fmt.alloc(dst_shape)
+    src_blocks, dst_blocks = [9, 1, 4, 2, 7, 3, 8], [3, 1]
+    expected = clone_cache(dst_fmt, dst_shape, dst)
+    reference_copy(
+        src_fmt, src, src_blocks, (0, 8), dst_fmt, expected, dst_blocks, (4, 8), (5, 100), (0, 2)
+    )
+    plan = kv.plan_copy(
+        src.layout, dst.layout, src_blocks, dst_blocks, (5, 100), src_heads=(0, 8), dst_heads=(4, 8)
+    )
+    with (
+        TransferEngine("p", transports=[transport]) as p,
+        TransferEngine("d", transports=[transport]) as d,
+    ):
+        p.register_layout(src.layout)
+        d.register_layout(dst.layout)
+        peer = p.add_peer(d.descriptor(), transport)
+        assert peer.transport == transport and peer.name == "d"
+        batch = p.transfer(peer, plan, src.layout, dst.layout, op="WRITE", notify=b"kv ready")
+        batch.wait(10)
+        assert batch.transport == transport
+        assert same_bytes(dst, expected)
+        assert d.wait_for(b"kv ready", 5).peer == "p"
+        # READ back into a fresh prefill-shaped cache.
+        back = src_fmt.alloc(src_shape)
+        for t in back.storage:
+            t.zero_()
+        p.register_layout(back.layout)
+        read_plan = kv.plan_copy(
+            dst.layout,
+            back.layout,
+            dst_blocks,
+            src_blocks,
+            (5, 100),
+            src_heads=(4, 8),
+            dst_heads=(0, 8),
+        )
+        p.transfer(peer, read_plan, back.layout, dst.layout, op="READ").wait(10)
+        for b, s in zip(back.tensors, src.tensors, strict=True):
+            for layer_tok in range(5, 100):
+                blk, off = src_blocks[layer_tok // 16], layer_tok % 16
+                assert torch.equal(  # compare bits: random bf16 bytes include NaNs
+                    b[:, blk, off, 4:8].view(torch.int16), s[:, blk, off, 4:8].view(torch.int16)
+                )
+
+
+@pytest.mark.parametrize(("transport", "shared"), [("shm", True), ("shm", False), ("tcp", False)])
+@pytest.mark.parametrize("op", ["WRITE", "READ"])
+def test_two_processes(transport: str, shared: bool, op: str, baseline_registrations) -> None:
+    """shm with mapped shared memory, shm through cross-memory attach, and tcp."""
+    n = 48
+    with PeerProcess([transport], 2 * n * BLOCK, shared=shared) as child:
+        child.call("fill", 7)
+        with TransferEngine("host", transports=[transport]) as eng:
+            local = np.random.default_rng(1).integers(0, 256, n * BLOCK, dtype=np.uint8)
+            eng.register(local)
+            peer = eng.add_peer(child.descriptor, transport)
+            assert peer.transport == transport
+            ids = scattered(n, 2 * n)
+            la = local.ctypes.data + np.arange(n, dtype=np.uint64) * BLOCK
+            ra = child.addr + ids * BLOCK
+            lens = np.full(n, BLOCK, np.uint64)
+            if op == "WRITE":
+                eng.submit(peer, op, la, ra, lens, notify=b"written").wait(10)
+                assert child.call("notifications", 5) == [("host", b"written")]
+                for i in (0, 17, n - 1):
+                    got = child.call("bytes", int(ids[i]) * BLOCK, BLOCK)
+                    assert got == local[i * BLOCK : (i + 1) * BLOCK].tobytes()
+            else:
+                eng.submit(peer, op, la, ra, lens).wait(10)
+                for i in (0, 17, n - 1):
+                    want = child.call("digest", int(ids[i]) * BLOCK, BLOCK)
+                    assert (
+                        hashlib.sha256(local[i * BLOCK : (i + 1) * BLOCK].tobytes()).hexdigest()
+                        == want
+                    )
+
+
+def test_deadline_and_cancel_with_a_stopped_peer(baseline_registrations) -> None:
+    """A peer that stops reading: waits time out, a batch deadline fails the batch, a queued
+    batch can be cancelled, and nothing hangs."""
+    nbytes = 64 << 20
+    with (
+        PeerProcess(["tcp"], nbytes, shared=False) as child,
+        TransferEngine("h", transports=["tcp"], tcp_streams=1) as eng,
+    ):
+        local = np.ones(nbytes, dtype=np.uint8)
+        eng.register(local)
+        peer = eng.add_peer(child.descriptor)
+        child.signal(signal.SIGSTOP)
+        whole = (
+            np.array([local.ctypes.data], np.uint64),
+            np.array([child.addr], np.uint64),
+            np.array([nbytes], np.uint64),
+        )
+        stuck = eng.submit(peer, "WRITE", *whole)
+        t0 = time.monotonic()
+        with pytest.raises(errors.KvTimeoutError):
+            stuck.wait(0.3)
+        assert time.monotonic() - t0 < 5
+        timed = eng.submit(peer, "WRITE", *whole, timeout=0.3)
+        queued = eng.submit(peer, "WRITE", *whole)
+        queued.cancel()
+        with pytest.raises(errors.CancelledError):
+            queued.wait(1)
+        with pytest.raises(errors.KvTimeoutError):
+            timed.wait(5)
+        child.signal(signal.SIGCONT)
+        stuck.wait(30)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_killed_peer_gives_typed_error_within_deadline(
+    transport: str, baseline_registrations
+) -> None:
+    nbytes = 64 << 20
+    with (
+        PeerProcess([transport], nbytes, shared=False) as child,
+        TransferEngine("h", transports=[transport], tcp_streams=1) as eng,
+    ):
+        local = np.ones(nbytes, dtype=np.uint8)
+        eng.register(local)
+        peer = eng.add_peer(child.descriptor, transport)
+        whole = (
+            np.array([local.ctypes.data], np.uint64),
+            np.array([child.addr], np.uint64),
+            np.array([nbytes], np.uint64),
+        )
+        child.signal(signal.SIGSTOP)
+        in_flight = eng.submit(peer, "WRITE", *whole)
+        child.signal(signal.SIGKILL)
+        child.proc.join(10)
+        deadline = time.monotonic() + 10
+        with pytest.raises(errors.PeerLostError):
+            # the batch in flight fails, and so does every later submit
+            in_flight.wait(10)
+            while time.monotonic() < deadline:
+                eng.submit(peer, "WRITE", *whole).wait(10)
+        assert time.monotonic() < deadline
+
+
+def test_crc_detects_corruption_and_names_the_batch(baseline_registrations) -> None:
+    n = 8
+    with (
+        PeerProcess(["tcp"], n * BLOCK, shared=False, corrupt=1) as child,
+        TransferEngine("h", transports=["tcp"]) as eng,
+    ):
+        local = np.arange(n * BLOCK, dtype=np.uint8)
+        eng.register(local)
+        peer = eng.add_peer(child.descriptor)
+        segs = (
+            local.ctypes.data + np.arange(n, dtype=np.uint64) * BLOCK,
+            child.addr + np.arange(n, dtype=np.uint64) * BLOCK,
+            np.full(n, BLOCK, np.uint64),
+        )
+        eng.submit(peer, "WRITE", *segs).wait(10)  # corrupted, undetected without CRC
+        batch = eng.submit(peer, "WRITE", *segs, crc=True)
+        with pytest.raises(errors.CorruptionError, match=f"batch {batch.id}"):
+            batch.wait(10)
+
+
+def test_unregistered_memory_is_refused(baseline_registrations) -> None:
+    with TransferEngine("a", transports=["tcp"]) as a, TransferEngine("b", transports=["tcp"]) as b:
+        mine, theirs = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
+        a.register(mine)
+        b.register(theirs)
+        peer = a.add_peer(b.descriptor())
+        one = np.array([4096], np.uint64)
+        with pytest.raises(errors.UnregisteredMemoryError):
+            a.submit(
+                peer,
+                "WRITE",
+                np.array([mine.ctypes.data], np.uint64),
+                np.array([theirs.ctypes.data + 1], np.uint64),
+                one,
+            )
+        with pytest.raises(errors.UnregisteredMemoryError):
+            a.submit(
+                peer,
+                "WRITE",
+                np.array([theirs.ctypes.data], np.uint64),
+                np.array([theirs.ctypes.data], np.uint64),
+                one,
+            )
+
+
+def test_bad_descriptors_and_garbage_on_the_wire(baseline_registrations) -> None:
+    with (
+        TransferEngine("a", transports=["shm", "tcp"]) as a,
+        TransferEngine("b", transports=["shm", "tcp"]) as b,
+    ):
+        buf = np.zeros(1 << 16, np.uint8)
+        b.register(buf)
+        good = b.descriptor()
+        rng = np.random.default_rng(0)
+        for cut in range(0, len(good), max(1, len(good) // 50)):
+            with pytest.raises(errors.BadDescriptorError):
+                a.add_peer(good[:cut])
+        for _ in range(200):
+            blob = rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8).tobytes()
+            with pytest.raises(errors.KvError):
+                a.add_peer(blob)
+        flipped = bytearray(good)
+        flipped[-30] ^= 0xFF
+        with contextlib.suppress(errors.KvError):  # a flipped key byte may still parse
+            a.add_peer(bytes(flipped))
+        # Garbage straight into b's listener: b drops that connection and keeps serving.
+        host, port = _tcp_endpoint(b)
+        for payload in (b"", b"x" * 7, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()):
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(payload)
+        mine = np.ones(1 << 16, np.uint8)
+        a.register(mine)
+        peer = a.add_peer(good, "tcp")
+        a.submit(
+            peer,
+            "WRITE",
+            np.array([mine.ctypes.data], np.uint64),
+            np.array([buf.ctypes.data], np.uint64),
+            np.array([1 << 16], np.uint64),
+        ).wait(10)
+        assert int(buf.sum()) == 1 << 16
+
+
+def _tcp_endpoint(engine: TransferEngine) -> tuple[str, int]:
+    desc = engine.descriptor()
+    marker = b"127.0.0.1:"
+    start = desc.index(marker) + len(marker)
+    end = start
+    while desc[end : end + 1].isdigit():
+        end += 1
+    return "127.0.0.1", int(desc[start:end])
+
+
+def test_registrations_are_counted_and_released() -> None:
+    before = _C.live_registrations()
+    eng = TransferEngine("r", transports=["shm", "tcp"])
+    arrays = [np.zeros(4096, np.uint8) for _ in range(5)]
+    handles = [eng.register(a) for a in arrays]
+    shared = eng.alloc_shared(1 << 20)
+    eng.register(shared)
+    assert eng.num_registrations() == 6 and _C.live_registrations() == before + 6
+    eng.deregister(handles[0])
+    assert eng.num_registrations() == 5
+    with pytest.raises(errors.InvalidArgumentError, match="overlaps"):
+        eng.register(arrays[1])
+    eng.close()
+    assert _C.live_registrations() == before
+    eng.close()  # idempotent
+
+
+def test_register_layout_registers_each_region() -> None:
+    lay = kvl.vllm_flash_attn([torch.ones(2, 4, 16, 2, 32, dtype=torch.float16) for _ in range(3)])
+    with TransferEngine("g", transports=["local"]) as eng:
+        assert len(eng.register_layout(lay)) == 3 and eng.num_registrations() == 3
