@@ -52,7 +52,7 @@ class TensorLike(Protocol):
 def _device_index(t: TensorLike) -> int:
     dev = t.device
     kind = getattr(dev, "type", str(dev))
-    if kind == "cpu":
+    if kind in ("cpu", "meta"):  # meta: a description without memory (see with_regions)
         return -1
     if kind == "cuda":
         index = getattr(dev, "index", None)

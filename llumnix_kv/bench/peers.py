@@ -440,11 +440,9 @@ class _MooncakeInitiator:
         deadline = time.monotonic() + timeout_s
         step = MOONCAKE_MAX_BLOCKS_PER_SUBMIT
         for start in range(0, len(local), step):
-            n = len(local[start : start + step])
-            rc = submit(
-                self.session, local[start : start + step], remote[start : start + step],
-                [self.block_bytes] * n,
-            )  # fmt: skip
+            chunk_local, chunk_remote = local[start : start + step], remote[start : start + step]
+            lengths = [self.block_bytes] * len(chunk_local)
+            rc = submit(self.session, chunk_local, chunk_remote, lengths)
             if rc != 0:
                 raise RuntimeError(f"Mooncake {op} sub-batch failed with code {rc}")
             if time.monotonic() > deadline:

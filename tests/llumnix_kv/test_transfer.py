@@ -16,6 +16,7 @@ import torch
 import llumnix_kv as kv
 from llumnix_kv import _C, errors
 from llumnix_kv import layout as kvl
+from llumnix_kv.bench.target import PeerProcess
 from llumnix_kv.transfer import TransferEngine
 from tests.llumnix_kv.kv_formats import (
     FORMATS_BY_NAME,
@@ -24,7 +25,6 @@ from tests.llumnix_kv.kv_formats import (
     reference_copy,
     same_bytes,
 )
-from tests.llumnix_kv.transfer_peer import PeerProcess
 
 BLOCK = 16 << 10
 

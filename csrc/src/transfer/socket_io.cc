@@ -85,6 +85,32 @@ Status RecvAll(int fd, void* buf, size_t n) {
   return Status::Ok();
 }
 
+Status RecvAllIov(int fd, std::vector<iovec>& iov) {
+  size_t first = 0;
+  while (first < iov.size()) {
+    if (iov[first].iov_len == 0) {
+      ++first;
+      continue;
+    }
+    msghdr msg{};
+    msg.msg_iov = iov.data() + first;
+    msg.msg_iovlen = std::min<size_t>(iov.size() - first, IOV_MAX);
+    const ssize_t n = recvmsg(fd, &msg, MSG_WAITALL);
+    if (n == 0) return Status(Status::Code::kPeerLost, "connection closed by peer");
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return FromErrno("recv");
+    }
+    size_t left = static_cast<size_t>(n);
+    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+    if (left > 0) {
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
+  }
+  return Status::Ok();
+}
+
 Status Discard(int fd, uint64_t n) {
   char buf[64 << 10];
   while (n > 0) {

@@ -14,6 +14,8 @@ namespace llumnix_kv::net {
 
 Status SendAll(int fd, std::vector<iovec>& iov);  // consumes `iov`
 Status RecvAll(int fd, void* buf, size_t n);
+// Receives into the buffers of `iov` in order (scatter, no bounce copy); consumes `iov`.
+Status RecvAllIov(int fd, std::vector<iovec>& iov);
 Status Discard(int fd, uint64_t n);
 // Connects to host:port within timeout_s, with TCP_NODELAY and large buffers.
 Status Connect(const std::string& host, int port, double timeout_s, int* fd);

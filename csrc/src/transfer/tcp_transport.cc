@@ -6,8 +6,8 @@
 //   WRITE     n x {addr, len}, payload[, crc]    -> ACK{status}
 //   READ_REQ  n x {addr, len}                    -> READ_RESP{status}, payload[, crc]
 //   NOTIFY    message                            delivered to the receiving engine
-// The receiver checks every address against its registered memory before touching it; large
-// segments are received straight into place, runs of small ones through a bounce buffer. A
+// The receiver checks every address against its registered memory before touching it, then
+// receives the payload straight into place with scatter reads (recvmsg over iovecs). A
 // connection processes messages in order, so responses match requests first-in first-out.
 #include <fcntl.h>
 #include <poll.h>
@@ -45,8 +45,6 @@ enum MsgType : uint8_t {
 constexpr uint8_t kFlagCrc = 1;
 constexpr uint64_t kMaxSegments = uint64_t{1} << 24;
 constexpr uint64_t kMaxString = uint64_t{1} << 20;
-constexpr uint64_t kDirectBytes = 64 << 10;  // segments this large are received in place
-constexpr uint64_t kBounceBytes = 4 << 20;
 constexpr uint64_t kSplitBytes = 1 << 20;  // smaller batches travel on one stream
 
 struct Header {
@@ -93,31 +91,12 @@ Status RecvTable(int fd, const Header& h, std::vector<WireSeg>* table) {
   return Status::Ok();
 }
 
-// Receives the payload into (addr, len) pieces in order; runs of small pieces go through
-// `bounce` and are scattered from there.
-Status RecvPayload(int fd, const std::vector<WireSeg>& segs, std::vector<char>* bounce) {
-  size_t i = 0;
-  while (i < segs.size()) {
-    if (segs[i].len >= kDirectBytes) {
-      LLUMNIX_KV_RETURN_IF_ERROR(
-          net::RecvAll(fd, reinterpret_cast<void*>(segs[i].addr), segs[i].len));
-      ++i;
-      continue;
-    }
-    size_t j = i;
-    uint64_t run = 0;
-    while (j < segs.size() && segs[j].len < kDirectBytes && run + segs[j].len <= kBounceBytes) {
-      run += segs[j++].len;
-    }
-    if (bounce->size() < run) bounce->resize(kBounceBytes);
-    LLUMNIX_KV_RETURN_IF_ERROR(net::RecvAll(fd, bounce->data(), run));
-    const char* p = bounce->data();
-    for (; i < j; ++i) {
-      std::memcpy(reinterpret_cast<void*>(segs[i].addr), p, segs[i].len);
-      p += segs[i].len;
-    }
-  }
-  return Status::Ok();
+// Receives the payload straight into its (addr, len) pieces, in order.
+Status RecvPayload(int fd, const std::vector<WireSeg>& segs) {
+  std::vector<iovec> iov;
+  iov.reserve(segs.size());
+  for (const WireSeg& s : segs) iov.push_back({reinterpret_cast<void*>(s.addr), s.len});
+  return net::RecvAllIov(fd, iov);
 }
 
 uint32_t CrcOf(const std::vector<WireSeg>& segs) {
@@ -225,7 +204,7 @@ class ServerConn {
       LLUMNIX_KV_RETURN_IF_ERROR(net::Discard(fd_, h.bytes + (crc ? 4 : 0)));
       return Reply(h, kAck, st);
     }
-    LLUMNIX_KV_RETURN_IF_ERROR(RecvPayload(fd_, table, &bounce_));
+    LLUMNIX_KV_RETURN_IF_ERROR(RecvPayload(fd_, table));
     const int64_t every = engine_->config().debug_corrupt_every;
     if (every > 0 && ++writes_ % every == 0 && h.bytes > 0) {
       for (WireSeg& s : table) {
@@ -267,7 +246,6 @@ class ServerConn {
   std::thread thread_;
   std::atomic<bool> done_{false};
   std::string peer_;
-  std::vector<char> bounce_;
   int64_t writes_ = 0;
 };
 
@@ -387,7 +365,6 @@ class ClientStream {
   }
 
   void ReadLoop() {
-    std::vector<char> bounce;
     while (true) {
       Header h;
       Status st = net::RecvAll(fd_, &h, sizeof(h));
@@ -402,7 +379,7 @@ class ClientStream {
           if (job.batch->id != h.batch || job.part != h.part) st = Protocol("response mismatch");
         }
       }
-      if (st.ok()) st = OnResponse(h, job, &bounce);
+      if (st.ok()) st = OnResponse(h, job);
       if (!st.ok()) {
         if (job.batch) Finish(job, st);
         Kill(st);
@@ -413,7 +390,7 @@ class ClientStream {
 
   // Receives the rest of a response and finishes its part. Returns non-OK only when the
   // connection is unusable (the part is then failed by the caller).
-  Status OnResponse(const Header& h, Job& job, std::vector<char>* bounce) {
+  Status OnResponse(const Header& h, Job& job) {
     std::string msg;
     if (h.type == kAck || h.status != 0) {
       LLUMNIX_KV_RETURN_IF_ERROR(RecvString(fd_, h.count, &msg));
@@ -421,7 +398,7 @@ class ClientStream {
       return Status::Ok();
     }
     if (h.type != kReadResp || h.bytes != job.bytes) return Protocol("bad READ_RESP");
-    LLUMNIX_KV_RETURN_IF_ERROR(RecvPayload(fd_, job.local, bounce));
+    LLUMNIX_KV_RETURN_IF_ERROR(RecvPayload(fd_, job.local));
     Status result;
     if (h.flags & kFlagCrc) {
       uint32_t sent = 0;

@@ -1,4 +1,8 @@
-"""A transfer-engine peer in its own process, driven over a pipe by tests and benchmarks."""
+"""A transfer-engine peer in its own process, driven over a pipe (by the bench and the tests).
+
+The child registers one buffer (shared memory, so shm peers map it, or private memory) and
+answers commands; the parent always stops it, killing it if it does not exit in time.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,26 @@ from typing import Any
 
 import numpy as np
 
+from llumnix_kv import _C
 from llumnix_kv.errors import KvError
 from llumnix_kv.transfer import TransferEngine
 
 
-def serve(conn: Any, transports: Sequence[str], nbytes: int, shared: bool, corrupt: int) -> None:
-    """Registers an nbytes buffer (shared memory or private), sends (descriptor, address),
-    then answers commands until "exit"."""
+def serve(
+    conn: Any, transports: Sequence[str], nbytes: int, shared: bool, corrupt: int, device: int
+) -> None:
+    """Registers an nbytes buffer (shared memory, private memory, or CUDA device memory when
+    device >= 0), sends (descriptor, address), then answers commands until "exit"."""
     engine = TransferEngine("peer", transports=transports, debug_corrupt_every=corrupt)
-    buf = engine.alloc_shared(nbytes) if shared else np.zeros(nbytes, dtype=np.uint8)
-    engine.register(buf)
-    conn.send((engine.descriptor(), buf.ctypes.data))
+    dev_ptr = 0
+    if device >= 0:
+        dev_ptr = _C.cuda_malloc(nbytes, device)
+        buf = np.zeros(0, dtype=np.uint8)
+        engine.register((dev_ptr, nbytes, device))
+    else:
+        buf = engine.alloc_shared(nbytes) if shared else np.zeros(nbytes, dtype=np.uint8)
+        engine.register(buf)
+    conn.send((engine.descriptor(), dev_ptr or buf.ctypes.data))
     try:
         while True:
             cmd, *args = conn.recv()
@@ -33,6 +46,8 @@ def serve(conn: Any, transports: Sequence[str], nbytes: int, shared: bool, corru
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         engine.close()
+        if dev_ptr:
+            _C.cuda_free(dev_ptr)
 
 
 def _handle(engine: TransferEngine, buf: np.ndarray, cmd: str, args: list[Any]) -> Any:
@@ -49,6 +64,9 @@ def _handle(engine: TransferEngine, buf: np.ndarray, cmd: str, args: list[Any]) 
     if cmd == "notifications":
         (timeout,) = args
         return [(n.peer, n.message) for n in engine.notifications(timeout)]
+    if cmd == "wait_for":
+        message, timeout = args
+        return engine.wait_for(message, timeout).peer
     raise ValueError(cmd)
 
 
@@ -62,11 +80,14 @@ class PeerProcess:
         *,
         shared: bool = True,
         corrupt: int = 0,
+        device: int = -1,
     ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=serve, args=(child, list(transports), nbytes, shared, corrupt), daemon=True
+            target=serve,
+            args=(child, list(transports), nbytes, shared, corrupt, device),
+            daemon=True,
         )
         self.proc.start()
         if not self.conn.poll(60):

@@ -1,0 +1,685 @@
+"""``llumnix-kv bench``: KV transfer bandwidth between two processes on this host.
+
+Three sections, each with its baselines in the same run:
+
+* **blocks**: nixlbench-style sweeps of fixed-size blocks (16 KiB .. 4 MiB, ~32 MiB a batch,
+  scattered block ids) over every transport, next to the ceiling (one ``memcpy`` of the same
+  bytes in one process), raw-socket loopback (the ceiling for tcp), and the NIXL and Mooncake
+  peers moving the same blocks where they are installed;
+* **kv**: one request's KV of a real model shape (default Llama-3-8B, vLLM FlashAttention NHD,
+  16-token blocks), from one block to 32k tokens, with block tables as an allocator hands them
+  out after churn, so runs merge only where a real cache lets them;
+* **hetero**: prefill (16-token blocks, TP1) -> decode (64-token blocks, rank 1 of TP2).
+
+The peer process registers its cache in shared memory, so the shm transport maps it.
+GB/s counts payload bytes, 1 GB = 1e9 bytes; latencies are per batch in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+import llumnix_kv as kv
+from llumnix_kv import _C
+from llumnix_kv.bench import peers as peer_mod
+from llumnix_kv.bench.target import PeerProcess
+from llumnix_kv.bench.workload import (
+    LAYOUTS,
+    MODELS,
+    ModelShape,
+    cache_bytes,
+    churned_block_table,
+    flat_layout,
+    model_from_config,
+)
+from llumnix_kv.errors import UnsupportedError
+from llumnix_kv.transfer import Op, Peer, TransferEngine, plan_segments
+
+KiB, MiB = 1 << 10, 1 << 20
+BLOCK_SIZES = (16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
+BATCH_BYTES = 32 * MiB
+REQUEST_TOKENS = (16, 256, 1024, 4096, 32768)
+TIME_PER_ROW_S = 0.6  # each row repeats until about this long (3..50 batches)
+
+
+@dataclass
+class Row:
+    section: str
+    who: str  # transport, peer or baseline
+    op: str
+    size: str  # block size or request tokens
+    transfer_bytes: int
+    segments: int  # after merging
+    threads: int  # copy threads (shm/local) or TCP streams (tcp)
+    gbps: float
+    lat_avg_ms: float
+    lat_p50_ms: float
+    lat_p99_ms: float
+    note: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelShape
+    layout: str
+    block_tokens: int
+    transports: list[str]
+    ops: list[str]
+    sections: list[str]
+    max_tokens: int
+    peers: bool
+    tcp_streams: int
+    seed: int
+    progress: bool
+    device: int  # -1: host memory; >= 0: CUDA device of both pools
+
+
+def _human(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB and n % MiB == 0 else f"{n // KiB} KiB"
+
+
+def _stats(times: list[float], nbytes: int) -> tuple[float, float, float, float]:
+    """(GB/s, avg ms, p50 ms, p99 ms) of per-batch wall times."""
+    ms = sorted(t * 1e3 for t in times)
+    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    return nbytes * len(times) / sum(times) / 1e9, statistics.fmean(ms), statistics.median(ms), p99
+
+
+def _repeat(run: Callable[[], None]) -> list[float]:
+    """Per-call seconds: one warm-up, then enough calls for ~TIME_PER_ROW_S (2 to 50)."""
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(int(min(50, max(2, TIME_PER_ROW_S / max(first, 1e-6))))):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def memcpy_ceiling(nbytes: int, device: int = -1) -> list[float]:
+    """One memcpy of ``nbytes`` (at most 512 MiB, as bandwidth is flat past that) in one
+    process: host buffers both written first (so no page is a shared zero page), or a
+    device-to-device cudaMemcpy when ``device >= 0``."""
+    n = min(nbytes, 512 * MiB)
+    if device >= 0:
+        a, b = _C.cuda_malloc(n, device), _C.cuda_malloc(n, device)
+        try:
+
+            def copy() -> None:
+                _C.cuda_memcpy_async(b, a, n, 0)
+                _C.cuda_synchronize(0)
+
+            times = _repeat(copy)
+        finally:
+            _C.cuda_free(a)
+            _C.cuda_free(b)
+    else:
+        ha, hb = np.full(n, 1, np.uint8), np.full(n, 2, np.uint8)
+
+        def host_copy() -> None:
+            ctypes.memmove(hb.ctypes.data, ha.ctypes.data, n)
+
+        times = _repeat(host_copy)
+    return [t * nbytes / n for t in times]
+
+
+def _socket_sink(port_conn: Any, sizes: list[int]) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_conn.send(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    buf = bytearray(max(sizes))
+    view = memoryview(buf)
+    with conn:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            left = int.from_bytes(head, "little")
+            while left > 0:
+                got = conn.recv_into(view[: min(left, len(buf))])
+                if got == 0:
+                    return
+                left -= got
+            conn.sendall(b"k")
+
+
+@contextlib.contextmanager
+def raw_socket() -> Iterator[Callable[[int], list[float]]]:
+    """Raw-socket loopback between two processes: the TCP ceiling. Yields a function that
+    times sending n bytes (plus a 1-byte ack)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    limit = 512 * MiB
+    proc = ctx.Process(target=_socket_sink, args=(child, [limit]), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(60):
+            raise TimeoutError("socket sink did not start")
+        sock = socket.create_connection(("127.0.0.1", parent.recv()), timeout=60)
+        payload = np.full(limit, 3, np.uint8)
+
+        def send(n: int) -> list[float]:
+            m = min(n, limit)
+            view = memoryview(payload.data)[:m]
+
+            def once() -> None:
+                sock.sendall(m.to_bytes(8, "little"))
+                sock.sendall(view)
+                sock.recv(1)
+
+            return [t * n / m for t in _repeat(once)]
+
+        with sock:
+            yield send
+    finally:
+        proc.kill()
+        proc.join(10)
+
+
+class Bench:
+    def __init__(self, cfg: Config, pool_bytes: int) -> None:
+        self.cfg = cfg
+        self.pool_bytes = pool_bytes
+        dev = cfg.device
+        self.peer_proc = PeerProcess(cfg.transports, pool_bytes, shared=True, device=dev)
+        self.engine = TransferEngine(
+            "bench", transports=cfg.transports, tcp_streams=cfg.tcp_streams
+        )
+        self._device_allocs: list[int] = []
+        self.local_addr = self._alloc()
+        self.links: dict[str, Peer] = {}
+        self.loopback: TransferEngine | None = None
+        self.loop_addr = 0
+
+    def _alloc(self) -> int:
+        """A registered pool of pool_bytes on the bench's device, every page touched."""
+        if self.cfg.device >= 0:
+            addr = _C.cuda_malloc(self.pool_bytes, self.cfg.device)
+            self._device_allocs.append(addr)
+            self.engine.register((addr, self.pool_bytes, self.cfg.device))
+            return addr
+        buf = np.zeros(self.pool_bytes, np.uint8)
+        buf[::4096] = 1
+        self.engine.register(buf)
+        return buf.ctypes.data
+
+    def close(self) -> None:
+        self.engine.close()
+        if self.loopback is not None:
+            self.loopback.close()
+        self.peer_proc.stop()
+        for addr in self._device_allocs:
+            _C.cuda_free(addr)
+        self._device_allocs.clear()
+
+    def link(self, transport: str) -> tuple[Peer, int]:
+        """A peer reached over `transport`, and the base address of its pool. `local` uses a
+        second engine in this process (same-process transfers)."""
+        if transport == "local":
+            if self.loopback is None:
+                self.loopback = TransferEngine("bench-local", transports=["local"])
+                if self.cfg.device >= 0:
+                    self.loop_addr = _C.cuda_malloc(self.pool_bytes, self.cfg.device)
+                    self._device_allocs.append(self.loop_addr)
+                    self.loopback.register((self.loop_addr, self.pool_bytes, self.cfg.device))
+                else:
+                    buf = np.zeros(self.pool_bytes, np.uint8)
+                    self.loopback.register(buf)
+                    self.loop_addr = buf.ctypes.data
+                self.links["local"] = self.engine.add_peer(self.loopback.descriptor(), "local")
+            return self.links["local"], self.loop_addr
+        if transport not in self.links:
+            self.links[transport] = self.engine.add_peer(self.peer_proc.descriptor, transport)
+        return self.links[transport], self.peer_proc.addr
+
+    def threads(self, transport: str) -> int:
+        return self.cfg.tcp_streams if transport == "tcp" else kv.build_info()["cpu_threads"]  # type: ignore[return-value]
+
+    def time_batches(self, peer: Peer, op: str, segs: tuple[np.ndarray, ...]) -> list[float] | str:
+        """Per-batch seconds, or why the transport cannot run this (device memory over a
+        transport that only moves host memory)."""
+
+        def once() -> None:
+            self.engine.submit(peer, op, *segs).wait(120)
+
+        try:
+            return _repeat(once)
+        except UnsupportedError as exc:
+            return f"unsupported: {exc}"
+
+
+def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None:
+    cfg = bench.cfg
+    rng = np.random.default_rng(cfg.seed)
+    with raw_socket() as sock_send:
+        for block in BLOCK_SIZES:
+            n = max(16, BATCH_BYTES // block)
+            nbytes = n * block
+            label = _human(block)
+            rows.append(
+                _row(
+                    "blocks",
+                    "memcpy (ceiling)",
+                    "-",
+                    label,
+                    nbytes,
+                    1,
+                    1,
+                    memcpy_ceiling(nbytes, cfg.device),
+                )
+            )
+            rows.append(
+                _row(
+                    "blocks",
+                    "raw socket (tcp ceiling)",
+                    "-",
+                    label,
+                    nbytes,
+                    1,
+                    1,
+                    sock_send(nbytes),
+                )
+            )
+            tick()
+            src_ids = rng.permutation(2 * n)[:n].astype(np.uint64)
+            dst_ids = rng.permutation(2 * n)[:n].astype(np.uint64)
+            for transport in cfg.transports:
+                peer, remote_base = bench.link(transport)
+                segs = (
+                    bench.local_addr + src_ids * block,
+                    remote_base + dst_ids * block,
+                    np.full(n, block, np.uint64),
+                )
+                for op in cfg.ops:
+                    times = bench.time_batches(peer, op, segs)
+                    rows.append(
+                        _row(
+                            "blocks",
+                            transport,
+                            op,
+                            label,
+                            nbytes,
+                            n,
+                            bench.threads(transport),
+                            times,
+                        )
+                    )
+                    tick()
+            if cfg.peers:
+                for name in peer_mod.PEERS:
+                    for op in cfg.ops:
+                        rows.append(_peer_row(name, op, block, n))
+                        tick()
+
+
+def _peer_row(name: str, op: str, block: int, n: int) -> Row:
+    label, nbytes = _human(block), n * block
+    try:
+        res = peer_mod.run_peer(
+            name, op, block, n, batches=max(3, min(20, int(2e9 * TIME_PER_ROW_S / nbytes)))
+        )
+    except peer_mod.PeerUnavailable as exc:
+        return Row(
+            "blocks",
+            name,
+            op,
+            label,
+            nbytes,
+            n,
+            0,
+            float("nan"),
+            *(float("nan"),) * 3,
+            f"not installed: {exc}",
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        return Row(
+            "blocks",
+            name,
+            op,
+            label,
+            nbytes,
+            n,
+            0,
+            float("nan"),
+            *(float("nan"),) * 3,
+            f"failed: {exc}",
+        )
+    return Row(
+        "blocks", name, op, label, nbytes, n, 0, res.gbps,
+        res.lat_avg_us / 1e3, res.lat_p50_us / 1e3, res.lat_p99_us / 1e3, res.note,
+    )  # fmt: skip
+
+
+def _row(
+    section: str,
+    who: str,
+    op: str,
+    size: str,
+    nbytes: int,
+    segs: int,
+    threads: int,
+    times: list[float] | str,
+) -> Row:
+    """A row from per-batch seconds, or from the reason the row could not run."""
+    if isinstance(times, str):
+        return Row(section, who, op, size, nbytes, segs, threads, *(float("nan"),) * 4, times)
+    gbps, avg, p50, p99 = _stats(times, nbytes)
+    return Row(section, who, op, size, nbytes, segs, threads, gbps, avg, p50, p99)
+
+
+def kv_requests(bench: Bench, rows: list[Row], tick: Callable[[], None], hetero: bool) -> None:
+    cfg = bench.cfg
+    m = cfg.model
+    heads = m.kv_heads
+    rng = np.random.default_rng(cfg.seed + 1)
+    if hetero:
+        if m.mla or heads % 2:
+            return
+        src_bt, dst_bt, dst_heads = cfg.block_tokens, 64, (heads // 2, heads)
+        sizes = [min(4096, cfg.max_tokens)]
+    else:
+        src_bt, dst_bt, dst_heads = cfg.block_tokens, cfg.block_tokens, (0, heads)
+        sizes = [t for t in REQUEST_TOKENS if t <= cfg.max_tokens]
+    pool_src = _pool_blocks(cfg.max_tokens, src_bt)
+    pool_dst = _pool_blocks(cfg.max_tokens, dst_bt)
+    dh = dst_heads[1] - dst_heads[0]
+    for transport in cfg.transports:
+        peer, remote_base = bench.link(transport)
+        local = flat_layout(m, cfg.layout, src_bt, pool_src, heads, bench.local_addr)
+        remote = flat_layout(m, cfg.layout, dst_bt, pool_dst, dh, remote_base)
+        for tokens in sizes:
+            src_tab = churned_block_table(pool_src, -(-tokens // src_bt), rng)
+            dst_tab = churned_block_table(pool_dst, -(-tokens // dst_bt), rng)
+            for op in cfg.ops:
+                if op == "WRITE":
+                    plan = kv.plan_copy(
+                        local, remote, src_tab, dst_tab, (0, tokens), dst_heads=dst_heads
+                    )
+                else:
+                    plan = kv.plan_copy(
+                        remote, local, dst_tab, src_tab, (0, tokens), src_heads=dst_heads
+                    )
+                segs = plan_segments(plan, local, remote, Op[op])
+                times = bench.time_batches(peer, op, segs)
+                size = f"{tokens} tok" + (" 16->64 TP1->2" if hetero else "")
+                rows.append(
+                    _row(
+                        "hetero" if hetero else "kv",
+                        transport,
+                        op,
+                        size,
+                        plan.total_bytes,
+                        len(plan),
+                        bench.threads(transport),
+                        times,
+                    )
+                )
+                tick()
+    if not hetero:
+        for tokens in sizes:
+            nbytes = tokens * m.bytes_per_token
+            rows.append(
+                _row(
+                    "kv",
+                    "memcpy (ceiling)",
+                    "-",
+                    f"{tokens} tok",
+                    nbytes,
+                    1,
+                    1,
+                    memcpy_ceiling(nbytes, cfg.device),
+                )
+            )
+
+
+def _segments(
+    plan: kv.CopyPlan, local: kv.KvLayout, remote: kv.KvLayout, op: str
+) -> tuple[np.ndarray, ...]:
+    from llumnix_kv.transfer import plan_segments
+
+    return plan_segments(plan, local, remote, Op[op])
+
+
+def _pool_blocks(tokens: int, block_tokens: int) -> int:
+    return int(-(-tokens // block_tokens) * 1.1) + 8
+
+
+def print_table(rows: list[Row]) -> None:
+    head = (
+        f"{'section':7} {'who':26} {'op':5} {'size':>22} {'MiB':>8} {'segments':>8} {'thr':>3} "
+        f"{'GB/s':>7} {'avg ms':>8} {'p50 ms':>8} {'p99 ms':>8}  note"
+    )
+    print(head)
+    print("-" * len(head))
+    last = None
+    for r in rows:
+        if last is not None and (r.section, r.size) != last:
+            print()
+        last = (r.section, r.size)
+        print(
+            f"{r.section:7} {r.who:26} {r.op:5} {r.size:>22} {r.transfer_bytes / MiB:>8.1f} "
+            f"{r.segments:>8} {r.threads:>3} {r.gbps:>7.2f} {r.lat_avg_ms:>8.3f} "
+            f"{r.lat_p50_ms:>8.3f} {r.lat_p99_ms:>8.3f}  {r.note}"
+        )
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """The ratios the project tracks, from this run's rows."""
+    out = []
+
+    def find(section: str, who: str, op: str, size: str) -> Row | None:
+        return next(
+            (r for r in rows if (r.section, r.who, r.op, r.size) == (section, who, op, size)), None
+        )
+
+    for r in rows:
+        if r.section != "blocks" or r.op == "-":
+            continue
+        block = int(r.size.split()[0]) * (MiB if "MiB" in r.size else KiB)
+        if r.who == "shm" and block >= 256 * KiB:
+            ceil = find("blocks", "memcpy (ceiling)", "-", r.size)
+            if ceil:
+                out.append(f"shm {r.op} {r.size}: {r.gbps / ceil.gbps:.2f} of memcpy")
+        if r.who == "tcp":
+            ceil = find("blocks", "raw socket (tcp ceiling)", "-", r.size)
+            if ceil:
+                out.append(f"tcp {r.op} {r.size}: {r.gbps / ceil.gbps:.2f} of raw socket")
+        if r.size == "16 KiB" and r.who in ("shm", "tcp", "ucx"):
+            for p in peer_mod.PEERS:
+                other = find("blocks", p, r.op, r.size)
+                if other and other.gbps == other.gbps:  # not NaN
+                    out.append(f"{r.who} {r.op} 16 KiB: {r.gbps / other.gbps:.2f}x {p}")
+    return out
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, section in zip(axes, ("blocks", "kv"), strict=True):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r.section == section and r.gbps == r.gbps:
+                key = r.who if r.op == "-" else f"{r.who} {r.op}"
+                series.setdefault(key, []).append(
+                    (r.transfer_bytes if section == "kv" else _block_of(r), r.gbps)
+                )
+        for key, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("block bytes" if section == "blocks" else "request KV bytes")
+        ax.set_ylabel("GB/s")
+        ax.set_title("fixed-size blocks" if section == "blocks" else "one request's KV")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _block_of(r: Row) -> int:
+    return int(r.size.split()[0]) * (MiB if "MiB" in r.size else KiB)
+
+
+def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(
+        prog="llumnix-kv bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=sorted(MODELS), default="llama3-8b")
+    p.add_argument(
+        "--model-config", metavar="PATH", help="a Hugging Face config.json (overrides --model)"
+    )
+    p.add_argument("--layout", choices=LAYOUTS, default="flash_nhd")
+    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument(
+        "--transport", action="append", help="transport(s) to run (default: every one built here)"
+    )
+    p.add_argument("--op", choices=["WRITE", "READ"], action="append", help="default: both")
+    p.add_argument(
+        "--section", choices=["blocks", "kv", "hetero"], action="append", help="default: all"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=32768, help="largest request in the kv section"
+    )
+    p.add_argument("--tcp-streams", type=int, default=2)
+    p.add_argument("--no-peers", action="store_true", help="skip the NIXL and Mooncake rows")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    p.add_argument("--plot", metavar="PNG", help="plot bandwidth against transfer size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    model = model_from_config(a.model_config) if a.model_config else MODELS[a.model]
+    with TransferEngine("probe") as probe:
+        built = probe.transports()
+    transports = a.transport or [t for t in ("local", "shm", "ucx", "tcp") if t in built]
+    missing = [t for t in transports if t not in built]
+    if missing:
+        p.error(f"transport(s) {missing} are not built here (have {built})")
+    cfg = Config(
+        model=model,
+        layout=a.layout,
+        block_tokens=a.block_tokens,
+        transports=transports,
+        ops=a.op or ["WRITE", "READ"],
+        sections=a.section or ["blocks", "kv", "hetero"],
+        max_tokens=a.max_tokens,
+        peers=not a.no_peers,
+        tcp_streams=a.tcp_streams,
+        seed=a.seed,
+        progress=not a.no_progress,
+        device=0 if a.device == "cuda" else -1,
+    )
+    return cfg, a
+
+
+def _progress(total: int, enabled: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return (lambda: None), (lambda: None)
+    bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+    return (lambda: bar.update(1)), bar.close
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse(argv)
+    for var, level in (("MC_LOG_LEVEL", "ERROR"), ("NIXL_LOG_LEVEL", "WARN")):
+        os.environ.setdefault(var, level)  # the peers log every connection at INFO
+    if args.device == "cuda":
+        info = kv.build_info()
+        if not info["cuda_devices"]:
+            print(f"--device cuda: no usable CUDA device ({info['cuda']})", file=sys.stderr)
+            return 1
+        cfg.peers = False  # the peers' rows are host-memory runs
+    m = cfg.model
+    kv_pool = cache_bytes(
+        m, _pool_blocks(cfg.max_tokens, cfg.block_tokens), cfg.block_tokens, m.kv_heads
+    )
+    pool_bytes = max(
+        kv_pool, 2 * max(16, BATCH_BYTES // BLOCK_SIZES[0]) * BLOCK_SIZES[0], 2 * BATCH_BYTES
+    )
+    print(f"llumnix_kv {kv.__version__}: {kv.build_info()['cuda']}; transports {cfg.transports}")
+    print(
+        f"model {m.name}: {m.layers} layers, {m.kv_heads} KV heads x {m.head_dim}, {m.dtype}"
+        f" ({m.bytes_per_token / KiB:.0f} KiB/token); layout {cfg.layout},"
+        f" {cfg.block_tokens}-token blocks; {'cuda:0' if cfg.device >= 0 else 'host'} memory"
+    )
+    if cfg.peers:
+        print("peers: " + ", ".join(f"{k} {v}" for k, v in peer_mod.peer_status().items()))
+    rows_total = (
+        ("blocks" in cfg.sections)
+        * len(BLOCK_SIZES)
+        * (1 + len(cfg.transports) * len(cfg.ops) + cfg.peers * 2 * len(cfg.ops))
+        + ("kv" in cfg.sections)
+        * len(cfg.transports)
+        * len(cfg.ops)
+        * len([t for t in REQUEST_TOKENS if t <= cfg.max_tokens])
+        + ("hetero" in cfg.sections) * len(cfg.transports) * len(cfg.ops)
+    )
+    tick, done = _progress(rows_total, cfg.progress)
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    bench = Bench(cfg, pool_bytes)
+    try:
+        if "blocks" in cfg.sections:
+            block_sweep(bench, rows, tick)
+        if "kv" in cfg.sections:
+            kv_requests(bench, rows, tick, hetero=False)
+        if "hetero" in cfg.sections:
+            kv_requests(bench, rows, tick, hetero=True)
+    finally:
+        done()
+        bench.close()
+    print()
+    print_table(rows)
+    print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s")
+    for line in summary(rows):
+        print("  " + line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "config": {k: v for k, v in asdict(cfg).items() if k != "rows"},
+                    "rows": [asdict(r) for r in rows],
+                },
+                f,
+                indent=1,
+                default=str,
+            )
+        print(f"wrote {args.json}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+            w.writeheader()
+            w.writerows(asdict(r) for r in rows)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
