@@ -97,8 +97,8 @@ def cuda_memcpy_sync(dst: int, src: int, bytes: int) -> None: ...
 def cuda_memcpy_async(dst: int, src: int, bytes: int, stream: int = 0) -> None: ...
 def cuda_synchronize(stream: int = 0) -> None: ...
 
-# (state, bytes, done_bytes, transport); state 0 pending, 1 done, 2 failed
-_BatchStatus = tuple[int, int, int, str]
+# (state, bytes, done_bytes, transport, staged); state 0 pending, 1 done, 2 failed
+_BatchStatus = tuple[int, int, int, str, bool]
 
 class TransferEngine:
     def __init__(
@@ -110,6 +110,7 @@ class TransferEngine:
         tcp_streams: int = 2,
         connect_timeout_s: float = 10.0,
         crc: bool = False,
+        staged_below_bytes: int = 65536,
         debug_corrupt_every: int = 0,
     ) -> None: ...
     @property
@@ -135,6 +136,7 @@ class TransferEngine:
         timeout_s: float = 0.0,
         transport: str = "",
         crc: bool = False,
+        mode: str = "auto",
     ) -> int: ...
     def poll(self, batch: int) -> _BatchStatus: ...
     def wait(self, batch: int, timeout_s: float) -> _BatchStatus: ...

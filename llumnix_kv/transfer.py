@@ -60,15 +60,16 @@ class Batch:
         self.id = batch_id
         self.nbytes = nbytes
         self.transport = ""
+        self.staged = False  # whether it asked for staged mode (see TransferEngine.submit)
 
     def poll(self) -> bool:
         """True once every byte has landed."""
-        state, _, _, self.transport = self._engine.poll(self.id)
+        state, _, _, self.transport, self.staged = self._engine.poll(self.id)
         return bool(state == 1)
 
     def wait(self, timeout: float) -> None:
         """Blocks until done; ``KvTimeoutError`` if not done within ``timeout`` seconds."""
-        _, _, _, self.transport = self._engine.wait(self.id, timeout)
+        _, _, _, self.transport, self.staged = self._engine.wait(self.id, timeout)
 
     def cancel(self) -> None:
         self._engine.cancel(self.id)
@@ -117,7 +118,8 @@ class TransferEngine:
         transports: allowed transports, best first (tcp is always there).
         listen_host, listen_port: where the tcp transport listens (loopback by default).
         tcp_streams: parallel TCP connections per peer.
-        crc: end-to-end CRC32C on every batch (tcp and ucx check it on the receiver).
+        crc: end-to-end CRC32C on every batch (tcp checks it on the receiver).
+        staged_below_bytes: ``mode="auto"`` stages batches whose average segment is smaller.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class TransferEngine:
         tcp_streams: int = 2,
         connect_timeout: float = 10.0,
         crc: bool = False,
+        staged_below_bytes: int = 64 << 10,
         debug_corrupt_every: int = 0,
     ) -> None:
         self._engine = _C.TransferEngine(
@@ -140,6 +143,7 @@ class TransferEngine:
             tcp_streams=tcp_streams,
             connect_timeout_s=connect_timeout,
             crc=crc,
+            staged_below_bytes=staged_below_bytes,
             debug_corrupt_every=debug_corrupt_every,
         )
         self._keep: dict[int, Any] = {}  # registration handle -> object kept alive
@@ -202,8 +206,14 @@ class TransferEngine:
         timeout: float | None = None,
         transport: str | None = None,
         crc: bool = False,
+        mode: str = "auto",
     ) -> Batch:
-        """Starts moving ``lens[i]`` bytes between ``local[i]`` and the peer's ``remote[i]``."""
+        """Starts moving ``lens[i]`` bytes between ``local[i]`` and the peer's ``remote[i]``.
+
+        ``mode``: ``"direct"`` moves segment by segment into the peer's memory (one-sided);
+        ``"staged"`` sends the segments gathered as one message that the receiver scatters;
+        ``"auto"`` stages batches of small segments. Transports with one way use it (tcp is
+        always staged; shm and local always direct)."""
         op = Op[op] if isinstance(op, str) else Op(op)
         batch_id = self._engine.submit(
             peer.id,
@@ -215,6 +225,7 @@ class TransferEngine:
             timeout_s=timeout or 0.0,
             transport=transport or "",
             crc=crc,
+            mode=mode,
         )
         return Batch(self._engine, batch_id, int(np.sum(lens, dtype=np.uint64)))
 
@@ -230,6 +241,7 @@ class TransferEngine:
         timeout: float | None = None,
         transport: str | None = None,
         crc: bool = False,
+        mode: str = "auto",
     ) -> Batch:
         """Runs a copy plan between a local cache and the peer's (``remote`` describes the
         peer's cache at the peer's addresses). WRITE: the plan goes local -> remote; READ:
@@ -237,8 +249,9 @@ class TransferEngine:
         op = Op[op] if isinstance(op, str) else Op(op)
         la, ra, lens = plan_segments(plan, local, remote, op)
         return self.submit(
-            peer, op, la, ra, lens, notify=notify, timeout=timeout, transport=transport, crc=crc
-        )
+            peer, op, la, ra, lens, notify=notify, timeout=timeout, transport=transport, crc=crc,
+            mode=mode,
+        )  # fmt: skip
 
     def notifications(self, timeout: float | None = None) -> list[Notification]:
         """Notifications received so far; with ``timeout``, waits up to that long for one

@@ -71,7 +71,7 @@ CopyMode ToMode(int mode) {
 using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
 
 py::tuple StatusTuple(const BatchStatus& b) {
-  return py::make_tuple(static_cast<int>(b.state), b.bytes, b.done_bytes, b.transport);
+  return py::make_tuple(static_cast<int>(b.state), b.bytes, b.done_bytes, b.transport, b.staged);
 }
 
 py::list NotificationList(const std::vector<Notification>& ns) {
@@ -95,7 +95,8 @@ void BindTransferEngine(py::module_& m) {
   py::class_<TransferEngine>(m, "TransferEngine")
       .def(py::init([](const std::string& name, const std::string& listen_host, int listen_port,
                        std::vector<std::string> transports, int tcp_streams,
-                       double connect_timeout_s, bool crc, int64_t debug_corrupt_every) {
+                       double connect_timeout_s, bool crc, uint64_t staged_below_bytes,
+                       int64_t debug_corrupt_every) {
              EngineConfig cfg;
              cfg.name = name;
              cfg.listen_host = listen_host;
@@ -104,6 +105,7 @@ void BindTransferEngine(py::module_& m) {
              cfg.tcp_streams = tcp_streams;
              cfg.connect_timeout_s = connect_timeout_s;
              cfg.crc = crc;
+             cfg.staged_below_bytes = staged_below_bytes;
              cfg.debug_corrupt_every = debug_corrupt_every;
              std::unique_ptr<TransferEngine> engine;
              Released([&] { return TransferEngine::Create(cfg, &engine); });
@@ -112,7 +114,7 @@ void BindTransferEngine(py::module_& m) {
            py::arg("name") = "", py::arg("listen_host") = "127.0.0.1", py::arg("listen_port") = 0,
            py::arg("transports") = std::vector<std::string>{"local", "shm", "ucx", "tcp"},
            py::arg("tcp_streams") = 2, py::arg("connect_timeout_s") = 10.0, py::arg("crc") = false,
-           py::arg("debug_corrupt_every") = 0)
+           py::arg("staged_below_bytes") = 64 << 10, py::arg("debug_corrupt_every") = 0)
       .def_property_readonly("name", &TransferEngine::name)
       .def("transports", &TransferEngine::transports)
       .def(
@@ -165,7 +167,7 @@ void BindTransferEngine(py::module_& m) {
           "submit",
           [](TransferEngine& e, uint64_t peer, int op, const U64Array& local,
              const U64Array& remote, const U64Array& lens, const py::bytes& notify,
-             double timeout_s, const std::string& transport, bool crc) {
+             double timeout_s, const std::string& transport, bool crc, const std::string& mode) {
             if (local.ndim() != 1 || local.size() != remote.size() || local.size() != lens.size()) {
               Check(Status::InvalidArgument("local, remote and lens must be 1-D of one length"));
             }
@@ -178,6 +180,7 @@ void BindTransferEngine(py::module_& m) {
             opts.timeout_s = timeout_s;
             opts.transport = transport;
             opts.crc = crc;
+            opts.mode = mode;
             uint64_t batch = 0;
             Released([&] {
               return e.Submit(peer, static_cast<TransferOp>(op), std::move(segs), opts, &batch);
@@ -186,7 +189,7 @@ void BindTransferEngine(py::module_& m) {
           },
           py::arg("peer"), py::arg("op"), py::arg("local"), py::arg("remote"), py::arg("lens"),
           py::arg("notify") = py::bytes(""), py::arg("timeout_s") = 0.0, py::arg("transport") = "",
-          py::arg("crc") = false)
+          py::arg("crc") = false, py::arg("mode") = "auto")
       .def(
           "poll",
           [](TransferEngine& e, uint64_t batch) {

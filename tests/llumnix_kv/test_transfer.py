@@ -306,3 +306,52 @@ def test_register_layout_registers_each_region() -> None:
     lay = kvl.vllm_flash_attn([torch.ones(2, 4, 16, 2, 32, dtype=torch.float16) for _ in range(3)])
     with TransferEngine("g", transports=["local"]) as eng:
         assert len(eng.register_layout(lay)) == 3 and eng.num_registrations() == 3
+
+
+def test_mode_is_validated_and_auto_stages_small_segments() -> None:
+    with (
+        TransferEngine("a", transports=["tcp"], staged_below_bytes=8192) as a,
+        TransferEngine("b", transports=["tcp"]) as b,
+    ):
+        src, dst = np.arange(1 << 20, dtype=np.uint8), np.zeros(1 << 20, np.uint8)
+        a.register(src)
+        b.register(dst)
+        peer = a.add_peer(b.descriptor())
+        n = 16
+
+        def segs(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            offs = np.arange(n, dtype=np.uint64) * size
+            return src.ctypes.data + offs, dst.ctypes.data + offs, np.full(n, size, np.uint64)
+
+        with pytest.raises(errors.InvalidArgumentError, match="mode"):
+            a.submit(peer, "WRITE", *segs(1024), mode="fast")
+        small = a.submit(peer, "WRITE", *segs(1024))
+        small.wait(10)
+        assert small.staged
+        large = a.submit(peer, "WRITE", *segs(16384), mode="auto")
+        large.wait(10)
+        assert not large.staged
+        forced = a.submit(peer, "WRITE", *segs(4096), mode="staged")
+        forced.wait(10)
+        assert forced.staged and np.array_equal(dst[: n * 4096], src[: n * 4096])
+
+
+def test_a_batch_to_a_removed_peer_is_lost_not_hung() -> None:
+    nbytes = 64 << 20
+    with (
+        PeerProcess(["tcp"], nbytes, shared=False) as child,
+        TransferEngine("h", transports=["tcp"], tcp_streams=1) as eng,
+    ):
+        local = np.ones(nbytes, dtype=np.uint8)
+        eng.register(local)
+        peer = eng.add_peer(child.descriptor)
+        child.signal(signal.SIGSTOP)
+        segs = (
+            np.array([local.ctypes.data], np.uint64),
+            np.array([child.addr], np.uint64),
+            np.array([nbytes], np.uint64),
+        )
+        batch = eng.submit(peer, "WRITE", *segs)
+        eng.remove_peer(peer)
+        with pytest.raises(errors.PeerLostError):
+            batch.wait(5)

@@ -2,6 +2,7 @@
 // caller polling it. The first error wins; parts finishing after a failure only count down.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -37,7 +38,11 @@ class Batch {
   Clock::time_point deadline = Clock::time_point::max();
   std::string transport;
   bool device = false;  // some segment is in CUDA device memory
+  bool staged = false;  // SubmitOptions::mode resolved: gather, one message, scatter
   std::atomic<bool> cancelled{false};
+  // False once the peer is known to be gone (its control connection closed); checked while
+  // the batch is pending, so a batch to a dead peer fails even if its transport would hang.
+  std::function<bool()> peer_alive;
   // Runs once, outside the lock, when the last part finished and the batch succeeded so far;
   // returns the final status (e.g. an error if the notification could not be sent).
   std::function<Status(Batch&)> on_success;
@@ -83,20 +88,20 @@ class Batch {
     std::lock_guard<std::mutex> lock(mu_);
     CheckDeadlineLocked();
     *st = state_ == BatchState::kFailed ? status_ : Status::Ok();
-    return {state_, bytes, done_bytes_, transport};
+    return {state_, bytes, done_bytes_, transport, staged};
   }
 
-  // Waits until the batch leaves kPending or `until`; applies the deadline.
+  // Waits until the batch leaves kPending or `until`; applies the deadline and notices a
+  // lost peer within kLivenessCheck.
   BatchStatus WaitUntil(Clock::time_point until, Status* st) {
     std::unique_lock<std::mutex> lock(mu_);
     while (state_ == BatchState::kPending) {
       CheckDeadlineLocked();
-      const Clock::time_point t = std::min(until, deadline);
       if (state_ != BatchState::kPending || Clock::now() >= until) break;
-      cv_.wait_until(lock, t);
+      cv_.wait_until(lock, std::min({until, deadline, Clock::now() + kLivenessCheck}));
     }
     *st = state_ == BatchState::kFailed ? status_ : Status::Ok();
-    return {state_, bytes, done_bytes_, transport};
+    return {state_, bytes, done_bytes_, transport, staged};
   }
 
   // True once no link touches the batch's memory any more.
@@ -113,7 +118,17 @@ class Batch {
     }
     cv_.notify_all();
   }
+  static constexpr std::chrono::milliseconds kLivenessCheck{50};
+
   void CheckDeadlineLocked() {
+    if (state_ == BatchState::kPending && peer_alive && !peer_alive()) {
+      status_ = Status(Status::Code::kPeerLost,
+                       "peer went away while batch " + std::to_string(id) + " was in flight");
+      state_ = BatchState::kFailed;
+      cancelled = true;
+      cv_.notify_all();
+      return;
+    }
     if (state_ == BatchState::kPending && Clock::now() >= deadline) {
       status_ =
           Status(Status::Code::kTimeout, "batch " + std::to_string(id) + " did not finish within " +

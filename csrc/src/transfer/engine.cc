@@ -91,7 +91,7 @@ Status DecodeDescriptor(std::string_view blob, PeerDescriptor* d) {
 struct Peer {
   PeerDescriptor desc;
   std::string transport;                               // default data transport
-  std::map<std::string, std::unique_ptr<Link>> links;  // by transport; "tcp" always present
+  std::map<std::string, std::shared_ptr<Link>> links;  // by transport; "tcp" always present
 };
 
 struct SharedAllocation {
@@ -359,8 +359,8 @@ class EngineImpl : public TransferEngine, public EngineServices {
     if (lit == peer.links.end()) {
       return Status::Unsupported("peer " + peer.desc.name + " has no '" + tname + "' link");
     }
-    Link* control = peer.links.at("tcp").get();
-    Link* link = lit->second.get();
+    const std::shared_ptr<Link>& control = peer.links.at("tcp");
+    const std::shared_ptr<Link>& link = lit->second;
     if (!control->Alive() || !link->Alive()) {
       return Status(Status::Code::kPeerLost, "peer " + peer.desc.name + " is gone");
     }
@@ -384,17 +384,31 @@ class EngineImpl : public TransferEngine, public EngineServices {
     if (device && !TransportSupportsDevice(tname)) {
       return Status::Unsupported("transport '" + tname + "' cannot move CUDA device memory");
     }
+    if (opts.mode != "auto" && opts.mode != "direct" && opts.mode != "staged") {
+      return Status::InvalidArgument("mode must be auto, direct or staged, not '" + opts.mode +
+                                     "'");
+    }
+    const size_t nsegs = segs.size();
     auto batch = std::make_shared<Batch>(++next_batch_, op, std::move(segs), opts);
+    batch->staged = opts.mode == "staged" || (opts.mode == "auto" && nsegs > 0 &&
+                                              batch->bytes / nsegs < config_.staged_below_bytes);
     batch->transport = tname;
     batch->device = device;
-    batch->on_success = [link, control](Batch& b) -> Status {
-      if (!control->Alive()) {
+    // Weak references: a batch may outlive its peer (RemovePeer), and then counts as lost.
+    std::weak_ptr<Link> weak_control = control, weak_link = link;
+    batch->peer_alive = [weak_control] {
+      const std::shared_ptr<Link> c = weak_control.lock();
+      return c && c->Alive();
+    };
+    batch->on_success = [weak_link, weak_control](Batch& b) -> Status {
+      const std::shared_ptr<Link> c = weak_control.lock(), l = weak_link.lock();
+      if (!c || !l || !c->Alive()) {
         return Status(Status::Code::kPeerLost,
                       "peer went away during batch " + std::to_string(b.id));
       }
       if (b.opts.notify.empty()) return Status::Ok();
-      Status st = link->Notify(b.opts.notify);
-      return st.code() == Status::Code::kUnsupported ? control->Notify(b.opts.notify) : st;
+      Status st = l->Notify(b.opts.notify);
+      return st.code() == Status::Code::kUnsupported ? c->Notify(b.opts.notify) : st;
     };
     LLUMNIX_KV_RETURN_IF_ERROR(link->Post(batch));
     batches_[batch->id] = batch;

@@ -32,6 +32,11 @@ struct SubmitOptions {
   double timeout_s = 0;   // > 0: the batch fails with Timeout if not done by then
   std::string transport;  // "" = the link's transport; else force one ("tcp", "shm", ...)
   bool crc = false;       // end-to-end CRC32C of the payload (also: EngineConfig::crc)
+  // "direct": one-sided, segment by segment into the peer's memory; "staged": the segments
+  // travel gathered as one message and the receiver scatters them; "auto": staged when the
+  // average segment is below EngineConfig::staged_below_bytes. A transport that has one way
+  // only uses it (tcp is always staged, shm and local are always direct).
+  std::string mode = "auto";
 };
 
 struct EngineConfig {
@@ -41,8 +46,9 @@ struct EngineConfig {
   std::vector<std::string> transports{"local", "shm", "ucx", "tcp"};  // allowed, best first
   int tcp_streams = 2;  // parallel TCP connections per peer
   double connect_timeout_s = 10;
-  bool crc = false;                 // CRC every batch
-  int64_t debug_corrupt_every = 0;  // tests only: flip a received byte in every Nth part
+  bool crc = false;                        // CRC every batch
+  uint64_t staged_below_bytes = 64 << 10;  // "auto" stages batches of smaller segments
+  int64_t debug_corrupt_every = 0;         // tests only: flip a received byte in every Nth part
 };
 
 struct BatchStatus {
@@ -50,6 +56,7 @@ struct BatchStatus {
   uint64_t bytes = 0;       // payload bytes of the batch
   uint64_t done_bytes = 0;  // bytes landed so far
   std::string transport;
+  bool staged = false;  // the batch asked for staged mode (after resolving "auto")
 };
 
 }  // namespace llumnix_kv

@@ -1,0 +1,772 @@
+// ucx: one-sided RMA through UCP (put/get with packed rkeys), notifications by active message.
+//
+// UCX chooses the wire itself (verbs RDMA, tcp, shared memory, cma, and cuda_copy/cuda_ipc when
+// it was built with CUDA). Every UCX call of a transport runs on its one progress thread, which
+// owns the context and the worker (UCS_THREAD_MODE_SINGLE); other threads hand it closures
+// through a mutex-protected queue and wake it through an eventfd. The thread sleeps in
+// epoll_wait on that eventfd and the worker's event fd (ucp_worker_arm) when idle.
+//   Endpoint()   the worker address (ucp_worker_get_address), binary
+//   region key   ucp_rkey_pack of the region's memh
+// A batch is one part: a put (WRITE) or get (READ) per segment, then an endpoint flush; the part
+// is done when every request and the flush completed, i.e. the data is remotely complete.
+// A notification is active message kNotifyAm: header = the sender's agent name, data = the
+// message (eager or rendezvous, any size).
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <ucp/api/ucp.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "transport.h"
+
+namespace llumnix_kv {
+namespace {
+
+constexpr unsigned kNotifyAm = 17;  // active message id of notifications
+constexpr int kIdleWaitMs = 100;    // epoll timeout with nothing in flight
+constexpr int kBusyWaitMs = 1;      // epoll timeout while requests are outstanding
+// With requests outstanding the thread polls without sleeping until the worker has been quiet
+// this long: some transports (tcp sends into a full socket) make progress only when polled.
+constexpr auto kSpin = std::chrono::milliseconds(20);
+constexpr double kSyncTimeoutS = 30;  // bound on a call handed to the progress thread
+constexpr double kCloseFlushS = 1;    // Close lets posted work land for this long
+constexpr double kEpCloseS = 2;       // bound on a forced endpoint close
+
+Status UcsError(Status::Code code, const std::string& what, ucs_status_t st) {
+  return Status(code, what + ": " + ucs_status_string(st));
+}
+
+bool IsPeerLoss(ucs_status_t st) {
+  return st == UCS_ERR_CONNECTION_RESET || st == UCS_ERR_ENDPOINT_TIMEOUT ||
+         st == UCS_ERR_UNREACHABLE || st == UCS_ERR_NOT_CONNECTED || st == UCS_ERR_REJECTED ||
+         st == UCS_ERR_CANCELED || st == UCS_ERR_IO_ERROR || st == UCS_ERR_TIMED_OUT;
+}
+
+class UcxTransport;
+struct OpCtx;
+
+// A connection to one peer. Fields without atomics belong to the progress thread.
+struct LinkState {
+  UcxTransport* transport = nullptr;
+  PeerDescriptor desc;
+  ucp_ep_h ep = nullptr;
+  std::map<uint64_t, ucp_rkey_h> rkeys;  // peer region addr -> unpacked rkey
+  std::set<OpCtx*> inflight;
+  std::string failure;  // why the endpoint failed
+  std::atomic<bool> failed{false};
+  std::atomic<bool> closed{false};
+
+  // Progress thread only (reads `failure`).
+  Status Lost(const std::string& what) const {
+    const std::string why = !failure.empty() ? ": " + failure : closed ? ": closed" : "";
+    return Status(Status::Code::kPeerLost, what + " (ucx link to " + desc.name + why + ")");
+  }
+  // Any thread.
+  Status Gone(const std::string& what) const {
+    return Status(Status::Code::kPeerLost,
+                  what + ": the ucx link to " + desc.name + " is closed or failed");
+  }
+};
+
+// One batch in flight: alive until UCX completed every request issued for it.
+struct OpCtx {
+  std::shared_ptr<Batch> batch;
+  std::shared_ptr<LinkState> link;
+  int pending = 1;  // requests not yet completed, +1 while issuing
+  bool reported = false;
+  Status status;
+};
+
+// A notification being sent (buffers live until the send completes) or received by
+// rendezvous. `name` is the sender's agent name.
+struct AmMsg {
+  UcxTransport* transport;
+  std::string name;
+  std::string body;
+};
+
+class UcxTransport : public Transport {
+ public:
+  explicit UcxTransport(EngineServices* engine) : engine_(engine) {}
+  ~UcxTransport() override { Shutdown(); }
+
+  // Starts the progress thread, which initialises UCX; fails if UCX cannot be initialised.
+  Status Start() {
+    wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake_fd_ < 0) return Status::Internal("eventfd failed");
+    std::promise<Status> ready;
+    std::future<Status> started = ready.get_future();
+    thread_ = std::thread([this, &ready] { Run(&ready); });
+    const Status st = started.get();  // ucp_init and ucp_worker_create do not block
+    if (!st.ok()) {
+      thread_.join();
+      close(wake_fd_);
+      wake_fd_ = -1;
+    }
+    return st;
+  }
+
+  std::string Name() const override { return "ucx"; }
+  std::string Endpoint() const override { return address_; }
+  bool Reaches(const PeerDescriptor& peer) const override {
+    auto it = peer.endpoints.find("ucx");
+    return it != peer.endpoints.end() && !it->second.empty();
+  }
+  // True when this UCX build moves CUDA memory (cuda_copy / cuda_ipc / GPUDirect).
+  bool SupportsDevice() const override { return cuda_; }
+
+  Status RegisterRegion(const LocalRegion& region, std::string* key) override {
+    auto out = std::make_shared<std::string>();
+    LLUMNIX_KV_RETURN_IF_ERROR(
+        RunSync([this, region, out] { return MapRegion(region, out.get()); }));
+    *key = *out;
+    return Status::Ok();
+  }
+
+  void DeregisterRegion(const LocalRegion& region) override {
+    (void)RunSync([this, region] {
+      UnmapRegion(region.handle);
+      return Status::Ok();
+    });
+  }
+
+  Status Connect(const PeerDescriptor& peer, std::unique_ptr<Link>* link) override;
+
+  void Shutdown() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_ || !thread_.joinable()) return;
+      stop_ = true;
+    }
+    Wake();
+    thread_.join();
+    close(wake_fd_);
+    wake_fd_ = -1;
+  }
+
+  // Runs `fn` on the progress thread and waits for it (inline when already there). `fn` must
+  // capture by value: after a timeout it may still run.
+  Status RunSync(std::function<Status()> fn) {
+    if (std::this_thread::get_id() == thread_id_) return fn();
+    struct Done {
+      std::mutex mu;
+      std::condition_variable cv;
+      bool ready = false;
+      Status st;
+    };
+    auto done = std::make_shared<Done>();
+    const bool queued = Enqueue([fn = std::move(fn), done] {
+      Status st = fn();
+      std::lock_guard<std::mutex> lock(done->mu);
+      done->st = std::move(st);
+      done->ready = true;
+      done->cv.notify_all();
+    });
+    if (!queued) return Status(Status::Code::kPeerLost, "the ucx transport is shut down");
+    std::unique_lock<std::mutex> lock(done->mu);
+    const auto limit = std::chrono::duration<double>(kSyncTimeoutS);
+    if (!done->cv.wait_for(lock, limit, [&] { return done->ready; })) {
+      return Status(Status::Code::kTimeout, "the ucx progress thread did not answer within " +
+                                                std::to_string(kSyncTimeoutS) + " s");
+    }
+    return done->st;
+  }
+
+  // Queues `fn` for the progress thread; false once the transport is shut down.
+  bool Enqueue(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_) return false;
+      queue_.push_back(std::move(fn));
+    }
+    Wake();
+    return true;
+  }
+
+  bool OnProgressThread() const { return std::this_thread::get_id() == thread_id_; }
+
+  // Progress thread only.
+  void Issue(const std::shared_ptr<LinkState>& link, const std::shared_ptr<Batch>& batch);
+  Status SendNotify(const std::shared_ptr<LinkState>& link, const std::string& msg);
+  Status CloseLink(const std::shared_ptr<LinkState>& link);
+
+ private:
+  void Wake() {
+    const uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
+  }
+
+  void Run(std::promise<Status>* ready);
+  Status Init();
+  void Loop();
+  void Cleanup();
+  Status ConnectOnThread(const std::shared_ptr<LinkState>& link);
+  Status MapRegion(const LocalRegion& region, std::string* key);
+  void UnmapRegion(uint64_t handle);
+  ucp_mem_h LocalMemh(uint64_t addr, uint64_t len) const;
+  bool Track(OpCtx* ctx, ucs_status_ptr_t req, const char* what);
+  Status WaitRequest(ucs_status_ptr_t req, double timeout_s);
+  void DestroyRkeys(LinkState* link);
+
+  static void OnOpDone(void* request, ucs_status_t st, void* user_data);
+  static void Release(OpCtx* ctx);
+  static void OnAmSent(void* request, ucs_status_t st, void* user_data);
+  static void OnAmData(void* request, ucs_status_t st, size_t length, void* user_data);
+  static ucs_status_t OnNotifyAm(void* arg, const void* header, size_t header_len, void* data,
+                                 size_t len, const ucp_am_recv_param_t* param);
+  static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t st);
+
+  EngineServices* engine_;
+  std::thread thread_;
+  std::thread::id thread_id_;
+  int wake_fd_ = -1;
+  std::mutex mu_;
+  bool stop_ = false;
+  std::deque<std::function<void()>> queue_;
+
+  // Owned by the progress thread (address_ is written before Start returns).
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  int epoll_fd_ = -1;
+  std::string address_;
+  bool cuda_ = false;                   // UCX knows CUDA memory (written before Start returns)
+  std::map<uint64_t, ucp_mem_h> memh_;  // region handle -> memh
+  std::map<uint64_t, std::pair<uint64_t, ucp_mem_h>> local_;  // addr -> (len, memh)
+  std::vector<std::shared_ptr<LinkState>> links_;             // open endpoints
+  int64_t outstanding_ = 0;                                   // requests in flight
+};
+
+class UcxLink : public Link {
+ public:
+  UcxLink(UcxTransport* transport, std::shared_ptr<LinkState> state)
+      : transport_(transport), state_(std::move(state)) {}
+  ~UcxLink() override { Close(); }
+
+  Status Post(const std::shared_ptr<Batch>& batch) override {
+    if (!Alive()) return state_->Gone("cannot post batch " + std::to_string(batch->id));
+    batch->SetParts(1);
+    auto state = state_;
+    auto t = transport_;
+    if (!transport_->Enqueue([t, state, batch] { t->Issue(state, batch); })) {
+      return Status(Status::Code::kPeerLost, "the ucx transport is shut down");
+    }
+    return Status::Ok();
+  }
+
+  // Ordered after every batch this link completed: the engine calls it once a batch's flush
+  // finished, and the progress thread sends in queue order.
+  Status Notify(const std::string& msg) override {
+    if (!Alive()) return state_->Gone("cannot send a notification");
+    if (transport_->OnProgressThread()) return transport_->SendNotify(state_, msg);
+    auto state = state_;
+    auto t = transport_;
+    if (!transport_->Enqueue([t, state, msg] { (void)t->SendNotify(state, msg); })) {
+      return Status(Status::Code::kPeerLost, "the ucx transport is shut down");
+    }
+    return Status::Ok();
+  }
+
+  bool Alive() const override { return !state_->failed && !state_->closed; }
+
+  void Close() override {
+    if (closing_.exchange(true)) return;
+    auto state = state_;
+    auto t = transport_;
+    (void)transport_->RunSync([t, state] { return t->CloseLink(state); });
+    state_->closed = true;
+  }
+
+ private:
+  UcxTransport* transport_;
+  std::shared_ptr<LinkState> state_;
+  std::atomic<bool> closing_{false};
+};
+
+// ---------------------------------------------------------------------------------------------
+// Progress thread: setup, loop, teardown.
+
+void UcxTransport::Run(std::promise<Status>* ready) {
+  thread_id_ = std::this_thread::get_id();
+  const Status st = Init();
+  if (!st.ok()) {
+    Cleanup();
+    ready->set_value(st);
+    return;
+  }
+  ready->set_value(Status::Ok());
+  Loop();
+  Cleanup();
+}
+
+Status UcxTransport::Init() {
+  ucp_config_t* config = nullptr;
+  ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
+  if (s != UCS_OK) return UcsError(Status::Code::kUnsupported, "ucp_config_read failed", s);
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+  s = ucp_init(&params, config, &context_);
+  ucp_config_release(config);
+  if (s != UCS_OK) return UcsError(Status::Code::kUnsupported, "ucp_init failed", s);
+
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  if (ucp_context_query(context_, &attr) == UCS_OK) {
+    cuda_ = attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA);
+  }
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  s = ucp_worker_create(context_, &wp, &worker_);
+  if (s != UCS_OK) return UcsError(Status::Code::kUnsupported, "ucp_worker_create failed", s);
+
+  ucp_address_t* addr = nullptr;
+  size_t addr_len = 0;
+  s = ucp_worker_get_address(worker_, &addr, &addr_len);
+  if (s != UCS_OK) return UcsError(Status::Code::kInternal, "ucp_worker_get_address failed", s);
+  address_.assign(reinterpret_cast<const char*>(addr), addr_len);
+  ucp_worker_release_address(worker_, addr);
+
+  int efd = -1;
+  s = ucp_worker_get_efd(worker_, &efd);
+  if (s != UCS_OK) return UcsError(Status::Code::kInternal, "ucp_worker_get_efd failed", s);
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  if (epoll_fd_ < 0) return Status::Internal("epoll_create1 failed");
+  for (int fd : {efd, wake_fd_}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) return Status::Internal("epoll_ctl");
+  }
+
+  ucp_am_handler_param_t am{};
+  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                  UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+  am.id = kNotifyAm;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  am.cb = &UcxTransport::OnNotifyAm;
+  am.arg = this;
+  s = ucp_worker_set_am_recv_handler(worker_, &am);
+  if (s != UCS_OK) {
+    return UcsError(Status::Code::kInternal, "ucp_worker_set_am_recv_handler failed", s);
+  }
+  return Status::Ok();
+}
+
+void UcxTransport::Loop() {
+  Clock::time_point last_active = Clock::now();
+  while (true) {
+    std::deque<std::function<void()>> tasks;
+    bool stop = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      tasks.swap(queue_);
+      stop = stop_;
+    }
+    for (auto& task : tasks) task();
+    if (stop) return;  // what was queued before Shutdown has run
+    bool active = !tasks.empty();
+    while (ucp_worker_progress(worker_) != 0) active = true;
+    const Clock::time_point now = Clock::now();
+    if (active) last_active = now;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!queue_.empty() || stop_) continue;
+    }
+    if (outstanding_ > 0 && now - last_active < kSpin) {
+      std::this_thread::yield();
+      continue;
+    }
+    if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;  // events arrived meanwhile
+    epoll_event events[2];
+    const int n = epoll_wait(epoll_fd_, events, 2, outstanding_ > 0 ? kBusyWaitMs : kIdleWaitMs);
+    for (int i = 0; i < n; ++i) {
+      if (events[i].data.fd == wake_fd_) {
+        uint64_t count = 0;
+        (void)!read(wake_fd_, &count, sizeof(count));
+      }
+    }
+  }
+}
+
+void UcxTransport::Cleanup() {
+  if (worker_ != nullptr) {
+    std::vector<std::shared_ptr<LinkState>> links = links_;
+    for (auto& link : links) (void)CloseLink(link);
+    for (auto& [handle, memh] : memh_) ucp_mem_unmap(context_, memh);
+    memh_.clear();
+    local_.clear();
+    ucp_worker_destroy(worker_);
+    worker_ = nullptr;
+  }
+  if (context_ != nullptr) {
+    ucp_cleanup(context_);
+    context_ = nullptr;
+  }
+  if (epoll_fd_ >= 0) close(epoll_fd_);
+  epoll_fd_ = -1;
+}
+
+// Polls `req` to completion, progressing the worker, for at most `timeout_s`; frees it.
+Status UcxTransport::WaitRequest(ucs_status_ptr_t req, double timeout_s) {
+  if (req == nullptr) return Status::Ok();
+  if (UCS_PTR_IS_ERR(req)) return UcsError(Status::Code::kInternal, "ucx", UCS_PTR_STATUS(req));
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                        std::chrono::duration<double>(timeout_s));
+  ucs_status_t st = UCS_INPROGRESS;
+  while ((st = ucp_request_check_status(req)) == UCS_INPROGRESS && Clock::now() < until) {
+    if (ucp_worker_progress(worker_) == 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  ucp_request_free(req);  // an unfinished request is released by UCX when it completes
+  if (st == UCS_INPROGRESS) return Status(Status::Code::kTimeout, "ucx request timed out");
+  return st == UCS_OK ? Status::Ok() : UcsError(Status::Code::kInternal, "ucx", st);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory registration.
+
+Status UcxTransport::MapRegion(const LocalRegion& region, std::string* key) {
+  if (region.device >= 0 && !cuda_) {
+    key->clear();  // not reachable by ucx; SupportsDevice() keeps such batches off this link
+    return Status::Ok();
+  }
+  ucp_mem_map_params_t p{};
+  p.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                 UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+  p.address = reinterpret_cast<void*>(region.addr);
+  p.length = region.len;
+  p.memory_type = UCS_MEMORY_TYPE_UNKNOWN;  // UCX detects host or CUDA memory
+  ucp_mem_h memh = nullptr;
+  ucs_status_t s = ucp_mem_map(context_, &p, &memh);
+  const std::string what = "[" + std::to_string(region.addr) + ", +" + std::to_string(region.len) +
+                           ")" +
+                           (region.device >= 0 ? " on cuda:" + std::to_string(region.device) : "");
+  if (s != UCS_OK) {
+    return UcsError(region.device >= 0 ? Status::Code::kUnsupported : Status::Code::kInternal,
+                    "ucp_mem_map of " + what + " failed", s);
+  }
+  void* buf = nullptr;
+  size_t size = 0;
+  s = ucp_rkey_pack(context_, memh, &buf, &size);
+  if (s != UCS_OK) {
+    ucp_mem_unmap(context_, memh);
+    return UcsError(Status::Code::kInternal, "ucp_rkey_pack of " + what + " failed", s);
+  }
+  key->assign(static_cast<const char*>(buf), size);
+  ucp_rkey_buffer_release(buf);
+  memh_[region.handle] = memh;
+  local_[region.addr] = {region.len, memh};
+  return Status::Ok();
+}
+
+void UcxTransport::UnmapRegion(uint64_t handle) {
+  auto it = memh_.find(handle);
+  if (it == memh_.end()) return;
+  for (auto l = local_.begin(); l != local_.end(); ++l) {
+    if (l->second.second == it->second) {
+      local_.erase(l);
+      break;
+    }
+  }
+  ucp_mem_unmap(context_, it->second);
+  memh_.erase(it);
+}
+
+ucp_mem_h UcxTransport::LocalMemh(uint64_t addr, uint64_t len) const {
+  auto it = local_.upper_bound(addr);
+  if (it == local_.begin()) return nullptr;
+  --it;
+  return addr + len <= it->first + it->second.first ? it->second.second : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints.
+
+void UcxTransport::OnEpError(void* arg, ucp_ep_h, ucs_status_t st) {
+  // UCX then completes the endpoint's outstanding requests with errors.
+  auto* link = static_cast<LinkState*>(arg);
+  link->failure = std::string("endpoint failed: ") + ucs_status_string(st);
+  link->failed = true;
+}
+
+Status UcxTransport::Connect(const PeerDescriptor& peer, std::unique_ptr<Link>* link) {
+  auto state = std::make_shared<LinkState>();
+  state->transport = this;
+  state->desc = peer;
+  LLUMNIX_KV_RETURN_IF_ERROR(RunSync([this, state] { return ConnectOnThread(state); }));
+  *link = std::make_unique<UcxLink>(this, state);
+  return Status::Ok();
+}
+
+Status UcxTransport::ConnectOnThread(const std::shared_ptr<LinkState>& link) {
+  const std::string& address = link->desc.endpoints.at("ucx");
+  ucp_ep_params_t p{};
+  p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                 UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  p.address = reinterpret_cast<const ucp_address_t*>(address.data());
+  // Peer failure handling disables UCX 1.13's shared-memory transports (sm, cma), leaving
+  // emulated RMA over tcp on one host. Same-host peers are watched by the engine's tcp control
+  // link instead (a dead process closes its sockets at once), so they go without it.
+  const bool same_host = link->desc.host_id == engine_->host_id();
+  p.err_mode = same_host ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
+  p.err_handler.cb = &UcxTransport::OnEpError;
+  p.err_handler.arg = link.get();
+  ucs_status_t s = ucp_ep_create(worker_, &p, &link->ep);
+  if (s != UCS_OK) {
+    link->ep = nullptr;
+    return UcsError(Status::Code::kPeerLost, "ucp_ep_create to peer " + link->desc.name + " failed",
+                    s);
+  }
+  links_.push_back(link);
+  for (const RemoteRegion& r : link->desc.regions) {
+    auto key = r.keys.find("ucx");
+    if (key == r.keys.end() || key->second.empty()) continue;  // not reachable by ucx
+    ucp_rkey_h rkey = nullptr;
+    s = ucp_ep_rkey_unpack(link->ep, key->second.data(), &rkey);
+    if (s != UCS_OK) {
+      (void)CloseLink(link);
+      return UcsError(Status::Code::kBadDescriptor,
+                      "ucp_ep_rkey_unpack of a region of peer " + link->desc.name + " failed", s);
+    }
+    link->rkeys[r.addr] = rkey;
+  }
+  return Status::Ok();
+}
+
+void UcxTransport::DestroyRkeys(LinkState* link) {
+  for (auto& [addr, rkey] : link->rkeys) ucp_rkey_destroy(rkey);
+  link->rkeys.clear();
+}
+
+// Lets posted work land (bounded), fails whatever is still in flight with PeerLost, then closes
+// the endpoint with FORCE, which cancels any request left; waits for that, bounded.
+Status UcxTransport::CloseLink(const std::shared_ptr<LinkState>& link) {
+  link->closed = true;
+  if (link->ep == nullptr) return Status::Ok();
+  if (!link->failed) {
+    ucp_request_param_t p{};
+    (void)WaitRequest(ucp_ep_flush_nbx(link->ep, &p), kCloseFlushS);
+  }
+  const std::vector<OpCtx*> left(link->inflight.begin(), link->inflight.end());
+  for (OpCtx* ctx : left) {
+    if (!ctx->reported) {
+      ctx->reported = true;
+      ctx->batch->PartDone(link->Lost("batch " + std::to_string(ctx->batch->id) + " cut off"), 0);
+    }
+  }
+  // rkeys go before the endpoint, unless a request may still use one.
+  if (link->inflight.empty()) DestroyRkeys(link.get());
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  const Status st = WaitRequest(ucp_ep_close_nbx(link->ep, &p), kEpCloseS);
+  link->ep = nullptr;
+  DestroyRkeys(link.get());
+  for (auto it = links_.begin(); it != links_.end(); ++it) {
+    if (it->get() == link.get()) {
+      links_.erase(it);
+      break;
+    }
+  }
+  return st;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transfers.
+
+void UcxTransport::OnOpDone(void* request, ucs_status_t st, void* user_data) {
+  auto* ctx = static_cast<OpCtx*>(user_data);
+  if (st != UCS_OK && ctx->status.ok()) {
+    const bool lost = IsPeerLoss(st) || ctx->link->failed || ctx->link->closed;
+    ctx->status =
+        lost ? ctx->link->Lost(std::string("ucx transfer failed: ") + ucs_status_string(st))
+             : UcsError(Status::Code::kInternal, "ucx transfer failed", st);
+  }
+  ucp_request_free(request);
+  Release(ctx);
+}
+
+void UcxTransport::Release(OpCtx* ctx) {
+  if (--ctx->pending > 0) return;
+  ctx->link->inflight.erase(ctx);
+  --ctx->link->transport->outstanding_;
+  if (!ctx->reported) {
+    ctx->reported = true;
+    const uint64_t bytes = ctx->status.ok() ? ctx->batch->bytes : 0;
+    ctx->batch->PartDone(ctx->status, bytes);  // may send the notification, inline
+  }
+  delete ctx;
+}
+
+// True if the request completed or is in flight; records an immediate error otherwise.
+bool UcxTransport::Track(OpCtx* ctx, ucs_status_ptr_t req, const char* what) {
+  if (req == nullptr) return true;
+  if (UCS_PTR_IS_ERR(req)) {
+    const ucs_status_t st = UCS_PTR_STATUS(req);
+    if (ctx->status.ok()) {
+      ctx->status = IsPeerLoss(st) || ctx->link->failed
+                        ? ctx->link->Lost(std::string(what) + " failed: " + ucs_status_string(st))
+                        : UcsError(Status::Code::kInternal, std::string(what) + " failed", st);
+    }
+    return false;
+  }
+  ++ctx->pending;
+  return true;
+}
+
+void UcxTransport::Issue(const std::shared_ptr<LinkState>& link,
+                         const std::shared_ptr<Batch>& batch) {
+  if (link->closed || link->failed || link->ep == nullptr) {
+    batch->PartDone(link->Lost("batch " + std::to_string(batch->id) + " not sent"), 0);
+    return;
+  }
+  if (batch->cancelled) {
+    batch->PartDone(Status(Status::Code::kCancelled, "batch cancelled"), 0);
+    return;
+  }
+  // Resolve every rkey first: a batch is issued whole or not at all.
+  std::vector<ucp_rkey_h> keys(batch->segs.size());
+  for (size_t i = 0; i < batch->segs.size(); ++i) {
+    const Segment& s = batch->segs[i];
+    const RemoteRegion* r = link->desc.Find(s.remote, s.len);
+    auto it = r ? link->rkeys.find(r->addr) : link->rkeys.end();
+    if (it == link->rkeys.end()) {
+      batch->PartDone(Status(Status::Code::kUnregisteredMemory,
+                             "remote segment at " + std::to_string(s.remote) +
+                                 " has no ucx key from peer " + link->desc.name),
+                      0);
+      return;
+    }
+    keys[i] = it->second;
+  }
+  auto* ctx = new OpCtx;
+  ctx->batch = batch;
+  ctx->link = link;
+  link->inflight.insert(ctx);
+  ++outstanding_;
+  const bool write = batch->op == TransferOp::kWrite;
+  for (size_t i = 0; i < batch->segs.size(); ++i) {
+    const Segment& s = batch->segs[i];
+    if (s.len == 0) continue;
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = &UcxTransport::OnOpDone;
+    p.user_data = ctx;
+    if (ucp_mem_h memh = LocalMemh(s.local, s.len)) {
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+      p.memh = memh;
+    }
+    void* local = reinterpret_cast<void*>(s.local);
+    ucs_status_ptr_t req = write ? ucp_put_nbx(link->ep, local, s.len, s.remote, keys[i], &p)
+                                 : ucp_get_nbx(link->ep, local, s.len, s.remote, keys[i], &p);
+    if (!Track(ctx, req, write ? "ucp_put_nbx" : "ucp_get_nbx")) break;
+  }
+  if (ctx->status.ok()) {
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = &UcxTransport::OnOpDone;
+    p.user_data = ctx;
+    Track(ctx, ucp_ep_flush_nbx(link->ep, &p), "ucp_ep_flush_nbx");
+  }
+  Release(ctx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Notifications.
+
+void UcxTransport::OnAmSent(void* request, ucs_status_t, void* user_data) {
+  auto* out = static_cast<AmMsg*>(user_data);
+  --out->transport->outstanding_;
+  ucp_request_free(request);
+  delete out;
+}
+
+Status UcxTransport::SendNotify(const std::shared_ptr<LinkState>& link, const std::string& msg) {
+  if (link->closed || link->failed || link->ep == nullptr) {
+    return link->Lost("cannot send a notification");
+  }
+  auto* out = new AmMsg{this, engine_->name(), msg};
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.send = &UcxTransport::OnAmSent;
+  p.user_data = out;
+  ucs_status_ptr_t req = ucp_am_send_nbx(link->ep, kNotifyAm, out->name.data(), out->name.size(),
+                                         out->body.data(), out->body.size(), &p);
+  if (req == nullptr) {
+    delete out;
+    return Status::Ok();
+  }
+  if (UCS_PTR_IS_ERR(req)) {
+    delete out;
+    const ucs_status_t st = UCS_PTR_STATUS(req);
+    return IsPeerLoss(st)
+               ? link->Lost(std::string("ucp_am_send_nbx failed: ") + ucs_status_string(st))
+               : UcsError(Status::Code::kInternal, "ucp_am_send_nbx failed", st);
+  }
+  ++outstanding_;
+  return Status::Ok();
+}
+
+void UcxTransport::OnAmData(void* request, ucs_status_t st, size_t length, void* user_data) {
+  auto* in = static_cast<AmMsg*>(user_data);
+  if (st == UCS_OK) {
+    in->body.resize(length);
+    in->transport->engine_->Deliver({std::move(in->name), std::move(in->body)});
+  }
+  --in->transport->outstanding_;
+  ucp_request_free(request);
+  delete in;
+}
+
+ucs_status_t UcxTransport::OnNotifyAm(void* arg, const void* header, size_t header_len, void* data,
+                                      size_t len, const ucp_am_recv_param_t* param) {
+  auto* t = static_cast<UcxTransport*>(arg);
+  std::string from(static_cast<const char*>(header), header_len);
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    t->engine_->Deliver({std::move(from), std::string(static_cast<const char*>(data), len)});
+    return UCS_OK;
+  }
+  // Rendezvous: `data` is a descriptor; fetch the message into our buffer.
+  auto* in = new AmMsg{t, std::move(from), std::string(len, '\0')};
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.recv_am = &UcxTransport::OnAmData;
+  p.user_data = in;
+  ucs_status_ptr_t req = ucp_am_recv_data_nbx(t->worker_, data, in->body.data(), len, &p);
+  if (req == nullptr) {
+    t->engine_->Deliver({std::move(in->name), std::move(in->body)});
+    delete in;
+  } else if (UCS_PTR_IS_ERR(req)) {
+    delete in;  // the message is lost; the sender's request fails
+  } else {
+    ++t->outstanding_;
+  }
+  return UCS_OK;
+}
+
+}  // namespace
+
+std::unique_ptr<Transport> MakeUcxTransport(EngineServices* engine, Status* st) {
+  auto t = std::make_unique<UcxTransport>(engine);
+  *st = t->Start();
+  if (!st->ok()) return nullptr;
+  return t;
+}
+
+}  // namespace llumnix_kv
