@@ -70,6 +70,7 @@ class Row:
     lat_avg_ms: float
     lat_p50_ms: float
     lat_p99_ms: float
+    batches: int = 0  # timed batches behind the figures
     note: str = ""
 
 
@@ -331,40 +332,15 @@ def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None
 
 def _peer_row(name: str, op: str, block: int, n: int) -> Row:
     label, nbytes = _human(block), n * block
+    batches = max(3, min(20, int(2e9 * TIME_PER_ROW_S / nbytes)))
     try:
-        res = peer_mod.run_peer(
-            name, op, block, n, batches=max(3, min(20, int(2e9 * TIME_PER_ROW_S / nbytes)))
-        )
+        res = peer_mod.run_peer(name, op, block, n, batches=batches)
     except peer_mod.PeerUnavailable as exc:
-        return Row(
-            "blocks",
-            name,
-            op,
-            label,
-            nbytes,
-            n,
-            0,
-            float("nan"),
-            *(float("nan"),) * 3,
-            f"not installed: {exc}",
-        )
+        return _row("blocks", name, op, label, nbytes, n, 0, f"not installed: {exc}")
     except (RuntimeError, TimeoutError) as exc:
-        return Row(
-            "blocks",
-            name,
-            op,
-            label,
-            nbytes,
-            n,
-            0,
-            float("nan"),
-            *(float("nan"),) * 3,
-            f"failed: {exc}",
-        )
-    return Row(
-        "blocks", name, op, label, nbytes, n, 0, res.gbps,
-        res.lat_avg_us / 1e3, res.lat_p50_us / 1e3, res.lat_p99_us / 1e3, res.note,
-    )  # fmt: skip
+        return _row("blocks", name, op, label, nbytes, n, 0, f"failed: {exc}")
+    ms = (res.lat_avg_us / 1e3, res.lat_p50_us / 1e3, res.lat_p99_us / 1e3)
+    return Row("blocks", name, op, label, nbytes, n, 0, res.gbps, *ms, res.batches, res.note)
 
 
 def _row(
@@ -379,9 +355,11 @@ def _row(
 ) -> Row:
     """A row from per-batch seconds, or from the reason the row could not run."""
     if isinstance(times, str):
-        return Row(section, who, op, size, nbytes, segs, threads, *(float("nan"),) * 4, times)
+        return Row(
+            section, who, op, size, nbytes, segs, threads, *(float("nan"),) * 4, note=times
+        )  # fmt: skip
     gbps, avg, p50, p99 = _stats(times, nbytes)
-    return Row(section, who, op, size, nbytes, segs, threads, gbps, avg, p50, p99)
+    return Row(section, who, op, size, nbytes, segs, threads, gbps, avg, p50, p99, len(times))
 
 
 def kv_requests(bench: Bench, rows: list[Row], tick: Callable[[], None], hetero: bool) -> None:
@@ -464,7 +442,7 @@ def _pool_blocks(tokens: int, block_tokens: int) -> int:
 def print_table(rows: list[Row]) -> None:
     head = (
         f"{'section':7} {'who':26} {'op':5} {'size':>22} {'MiB':>8} {'segments':>8} {'thr':>3} "
-        f"{'GB/s':>7} {'avg ms':>8} {'p50 ms':>8} {'p99 ms':>8}  note"
+        f"{'GB/s':>7} {'avg ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'n':>3}  note"
     )
     print(head)
     print("-" * len(head))
@@ -476,7 +454,7 @@ def print_table(rows: list[Row]) -> None:
         print(
             f"{r.section:7} {r.who:26} {r.op:5} {r.size:>22} {r.transfer_bytes / MiB:>8.1f} "
             f"{r.segments:>8} {r.threads:>3} {r.gbps:>7.2f} {r.lat_avg_ms:>8.3f} "
-            f"{r.lat_p50_ms:>8.3f} {r.lat_p99_ms:>8.3f}  {r.note}"
+            f"{r.lat_p50_ms:>8.3f} {r.lat_p99_ms:>8.3f} {r.batches:>3}  {r.note}"
         )
 
 
