@@ -7,6 +7,8 @@ the CPU or with CUDA (:func:`execute`).
 
 from __future__ import annotations
 
+from llumnix_kv import _preload  # noqa: F401  (first: the UCX libraries _C links against)
+
 try:
     from llumnix_kv import _C
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
@@ -58,5 +60,6 @@ def build_info() -> dict[str, object]:
         "cuda_build": _C.cuda_build_info(),
         "cuda_devices": devices,
         "ucx_compiled": _C.ucx_compiled(),
+        "ucx_build": _C.ucx_build_info(),
         "cpu_threads": _C.cpu_threads(),
     }

@@ -366,13 +366,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", &CudaCompiled);
   m.def("cuda_build_info", &CudaBuildInfo);
   m.def("cuda_device_count", &CudaDeviceCount);
-  m.def("ucx_compiled", [] {
 #ifdef LLUMNIX_KV_WITH_UCX
-    return true;
+  m.def("ucx_compiled", [] { return true; });
+  m.def("ucx_build_info", [] { return std::string("UCX ") + LLUMNIX_KV_UCX_SOURCE; });
 #else
-    return false;
+  m.def("ucx_compiled", [] { return false; });
+  m.def("ucx_build_info", [] { return std::string(); });
 #endif
-  });
 
   // Device memory helpers for tests and benchmarks that run without a CUDA build of torch.
   m.def(
