@@ -9,8 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llumnix_kv as kv
+from llumnix_kv import KvLayout
 from tests.llumnix_kv.kv_formats import (
     FORMATS,
+    Cache,
     Shape,
     clone_cache,
     reference_copy,
@@ -78,9 +80,8 @@ def copy_case(draw: st.DrawFn) -> dict:
     )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=copy_case())
-def test_plan_and_cpu_executor_match_reference(case: dict) -> None:
+def expected_after(case: dict) -> tuple[Cache, Cache, Cache]:
+    """(src, dst, expected dst) caches for a case; the reference has run on `expected`."""
     src_fmt, dst_fmt = case["src_fmt"], case["dst_fmt"]
     src = src_fmt.alloc(case["src_shape"])
     dst = dst_fmt.alloc(case["dst_shape"])
@@ -90,9 +91,13 @@ def test_plan_and_cpu_executor_match_reference(case: dict) -> None:
         dst_fmt, expected, case["dst_blocks"], case["dst_heads"],
         case["tokens"], case["layers"],
     )  # fmt: skip
-    plan = kv.plan_copy(
-        src.layout,
-        dst.layout,
+    return src, dst, expected
+
+
+def plan_case(case: dict, src: KvLayout, dst: KvLayout) -> kv.CopyPlan:
+    return kv.plan_copy(
+        src,
+        dst,
         case["src_blocks"],
         case["dst_blocks"],
         case["tokens"],
@@ -100,6 +105,13 @@ def test_plan_and_cpu_executor_match_reference(case: dict) -> None:
         dst_heads=case["dst_heads"],
         layers=case["layers"],
     )
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=copy_case())
+def test_plan_and_cpu_executor_match_reference(case: dict) -> None:
+    src, dst, expected = expected_after(case)
+    plan = plan_case(case, src.layout, dst.layout)
     heads = min(case["src_heads"][1], case["dst_heads"][1]) - max(
         case["src_heads"][0], case["dst_heads"][0]
     )

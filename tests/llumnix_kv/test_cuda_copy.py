@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 import llumnix_kv as kv
 from llumnix_kv import _C, errors
 from llumnix_kv import layout as kvl
-from tests.llumnix_kv.kv_formats import Cache, clone_cache, reference_copy, same_bytes
-from tests.llumnix_kv.test_copy_property import copy_case
+from tests.llumnix_kv.kv_formats import Cache, same_bytes
+from tests.llumnix_kv.test_copy_property import copy_case, expected_after, plan_case
 
 pytestmark = pytest.mark.cuda
 
@@ -46,28 +46,11 @@ class DeviceMirror:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=copy_case())
 def test_cuda_executor_matches_reference(case: dict) -> None:
-    src_fmt, dst_fmt = case["src_fmt"], case["dst_fmt"]
-    src = src_fmt.alloc(case["src_shape"])
-    dst = dst_fmt.alloc(case["dst_shape"])
-    expected = clone_cache(dst_fmt, case["dst_shape"], dst)
-    reference_copy(
-        src_fmt, src, case["src_blocks"], case["src_heads"],
-        dst_fmt, expected, case["dst_blocks"], case["dst_heads"],
-        case["tokens"], case["layers"],
-    )  # fmt: skip
+    src, dst, expected = expected_after(case)
     d_src, d_dst = DeviceMirror(src), DeviceMirror(dst)
-    staging = _C.cuda_malloc(max(1, 1 << 20), 0)
+    staging = _C.cuda_malloc(1 << 20, 0)
     try:
-        plan = kv.plan_copy(
-            d_src.layout,
-            d_dst.layout,
-            case["src_blocks"],
-            case["dst_blocks"],
-            case["tokens"],
-            src_heads=case["src_heads"],
-            dst_heads=case["dst_heads"],
-            layers=case["layers"],
-        )
+        plan = plan_case(case, d_src.layout, d_dst.layout)
         assert plan.total_bytes <= 1 << 20
         kv.execute(
             plan, d_src.layout, d_dst.layout, staged=case["staged"], staging=(staging, 1 << 20)

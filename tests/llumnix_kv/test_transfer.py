@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import llumnix_kv as kv
 from llumnix_kv import _C, errors
 from llumnix_kv import layout as kvl
 from llumnix_kv.bench.target import PeerProcess
-from llumnix_kv.transfer import TransferEngine
+from llumnix_kv.transfer import Peer, TransferEngine
 from tests.llumnix_kv.kv_formats import (
     FORMATS_BY_NAME,
     Shape,
@@ -28,6 +29,7 @@ from tests.llumnix_kv.kv_formats import (
 )
 
 BLOCK = 16 << 10
+Segs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def scattered(n: int, nblocks: int, seed: int = 0) -> np.ndarray:
@@ -130,23 +132,32 @@ def test_two_processes(transport: str, shared: bool, op: str, baseline_registrat
                     )
 
 
-def test_deadline_and_cancel_with_a_stopped_peer(baseline_registrations) -> None:
-    """A peer that stops reading: waits time out, a batch deadline fails the batch, a queued
-    batch can be cancelled, and nothing hangs."""
+@contextlib.contextmanager
+def one_big_write(transport: str) -> Iterator[tuple[PeerProcess, TransferEngine, Peer, Segs]]:
+    """A peer process, an engine linked to it over `transport` (one TCP stream), and the
+    segments of one 64 MiB write into the peer: large enough to stay in flight once the peer
+    stops reading."""
     nbytes = 64 << 20
     with (
-        PeerProcess(["tcp"], nbytes, shared=False) as child,
-        TransferEngine("h", transports=["tcp"], tcp_streams=1) as eng,
+        PeerProcess([transport], nbytes, shared=False) as child,
+        TransferEngine("h", transports=[transport], tcp_streams=1) as eng,
     ):
         local = np.ones(nbytes, dtype=np.uint8)
         eng.register(local)
-        peer = eng.add_peer(child.descriptor)
-        child.signal(signal.SIGSTOP)
-        whole = (
+        peer = eng.add_peer(child.descriptor, transport)
+        segs = (
             np.array([local.ctypes.data], np.uint64),
             np.array([child.addr], np.uint64),
             np.array([nbytes], np.uint64),
         )
+        yield child, eng, peer, segs
+
+
+def test_deadline_and_cancel_with_a_stopped_peer(baseline_registrations) -> None:
+    """A peer that stops reading: waits time out, a batch deadline fails the batch, a queued
+    batch can be cancelled, and nothing hangs."""
+    with one_big_write("tcp") as (child, eng, peer, whole):
+        child.signal(signal.SIGSTOP)
         stuck = eng.submit(peer, "WRITE", *whole)
         t0 = time.monotonic()
         with pytest.raises(errors.KvTimeoutError):
@@ -167,19 +178,7 @@ def test_deadline_and_cancel_with_a_stopped_peer(baseline_registrations) -> None
 def test_killed_peer_gives_typed_error_within_deadline(
     transport: str, baseline_registrations
 ) -> None:
-    nbytes = 64 << 20
-    with (
-        PeerProcess([transport], nbytes, shared=False) as child,
-        TransferEngine("h", transports=[transport], tcp_streams=1) as eng,
-    ):
-        local = np.ones(nbytes, dtype=np.uint8)
-        eng.register(local)
-        peer = eng.add_peer(child.descriptor, transport)
-        whole = (
-            np.array([local.ctypes.data], np.uint64),
-            np.array([child.addr], np.uint64),
-            np.array([nbytes], np.uint64),
-        )
+    with one_big_write(transport) as (child, eng, peer, whole):
         child.signal(signal.SIGSTOP)
         in_flight = eng.submit(peer, "WRITE", *whole)
         child.signal(signal.SIGKILL)
@@ -338,21 +337,9 @@ def test_mode_is_validated_and_auto_stages_small_segments() -> None:
 
 
 def test_a_batch_to_a_removed_peer_is_lost_not_hung() -> None:
-    nbytes = 64 << 20
-    with (
-        PeerProcess(["tcp"], nbytes, shared=False) as child,
-        TransferEngine("h", transports=["tcp"], tcp_streams=1) as eng,
-    ):
-        local = np.ones(nbytes, dtype=np.uint8)
-        eng.register(local)
-        peer = eng.add_peer(child.descriptor)
+    with one_big_write("tcp") as (child, eng, peer, whole):
         child.signal(signal.SIGSTOP)
-        segs = (
-            np.array([local.ctypes.data], np.uint64),
-            np.array([child.addr], np.uint64),
-            np.array([nbytes], np.uint64),
-        )
-        batch = eng.submit(peer, "WRITE", *segs)
+        batch = eng.submit(peer, "WRITE", *whole)
         eng.remove_peer(peer)
         with pytest.raises(errors.PeerLostError):
             batch.wait(5)

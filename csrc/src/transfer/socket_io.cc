@@ -47,6 +47,16 @@ Status Resolve(const std::string& host, int port, sockaddr_storage* addr, sockle
   return Status::Ok();
 }
 
+// Drops the first n bytes from iov[*first..]: whole entries advance *first, a partial one is
+// trimmed in place.
+void Advance(std::vector<iovec>& iov, size_t* first, size_t n) {
+  while (*first < iov.size() && n >= iov[*first].iov_len) n -= iov[(*first)++].iov_len;
+  if (n > 0) {
+    iov[*first].iov_base = static_cast<char*>(iov[*first].iov_base) + n;
+    iov[*first].iov_len -= n;
+  }
+}
+
 }  // namespace
 
 Status SendAll(int fd, std::vector<iovec>& iov) {
@@ -60,12 +70,7 @@ Status SendAll(int fd, std::vector<iovec>& iov) {
       if (errno == EINTR) continue;
       return FromErrno("send");
     }
-    size_t left = static_cast<size_t>(n);
-    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
-    if (left > 0) {
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
-      iov[first].iov_len -= left;
-    }
+    Advance(iov, &first, static_cast<size_t>(n));
   }
   return Status::Ok();
 }
@@ -101,12 +106,7 @@ Status RecvAllIov(int fd, std::vector<iovec>& iov) {
       if (errno == EINTR) continue;
       return FromErrno("recv");
     }
-    size_t left = static_cast<size_t>(n);
-    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
-    if (left > 0) {
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
-      iov[first].iov_len -= left;
-    }
+    Advance(iov, &first, static_cast<size_t>(n));
   }
   return Status::Ok();
 }

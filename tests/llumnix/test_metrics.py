@@ -1,0 +1,86 @@
+import math
+
+import pytest
+
+from llumnix.scheduler import DispatchRequest
+from llumnix.scheduler.ledger import NO_PENDING, PendingLoad
+from llumnix.scheduler.metrics import (
+    DecodeBatchSize,
+    DecodeTokens,
+    Freeness,
+    KvUsage,
+    MigrationFreeness,
+    NumRequests,
+    PrefillTokens,
+    PrefixHitTokens,
+    QueueSize,
+)
+
+from .sched_views import make_status
+
+
+def test_freeness_is_free_blocks_over_batch_size():
+    s = make_status("a", num_free_blocks=60, num_running=4)
+    assert Freeness().evaluate(s, NO_PENDING) == pytest.approx(15.0)
+
+
+def test_freeness_idle_instance_divides_by_one():
+    assert Freeness().evaluate(make_status("a"), NO_PENDING) == 100.0
+
+
+def test_queued_demand_all_vs_head_of_line():
+    s = make_status(
+        "a", num_free_blocks=60, num_running=2, num_waiting=2,
+        hol_demand_blocks=30, waiting_demand_blocks=50,
+    )  # fmt: skip
+    assert Freeness("all").evaluate(s, NO_PENDING) == pytest.approx((60 - 50) / 2)
+    assert MigrationFreeness().evaluate(s, NO_PENDING) == pytest.approx((60 - 30) / 2)
+
+
+def test_blocked_head_of_line_makes_freeness_negative():
+    s = make_status("a", num_free_blocks=10, num_running=5, num_waiting=1, hol_demand_blocks=40)
+    assert MigrationFreeness().evaluate(s, NO_PENDING) < 0
+
+
+def test_high_priority_headroom_and_draining():
+    hp = make_status("a", num_free_blocks=80, num_running=2, num_high_priority=1)
+    plain = make_status("b", num_free_blocks=80, num_running=2)
+    m = Freeness("all", high_priority_headroom_blocks=50)
+    assert m.evaluate(hp, NO_PENDING) == pytest.approx((80 - 50) / 2)
+    assert m.evaluate(plain, NO_PENDING) == pytest.approx(40)
+    assert Freeness().evaluate(make_status("c", draining=True), NO_PENDING) == -math.inf
+
+
+def test_pending_load_counts_and_bypasses_cache():
+    s = make_status("a", num_free_blocks=60, num_running=3)
+    m = Freeness()
+    assert m.evaluate(s, NO_PENDING) == pytest.approx(20)
+    p = PendingLoad(num_requests=1, blocks=30, prefill_tokens=400)
+    assert m.evaluate(s, p) == pytest.approx(10)
+    assert PrefillTokens().evaluate(s, p) == 400
+    assert QueueSize().evaluate(s, p) == 1
+    assert NumRequests().evaluate(s, p) == 4
+    # the memoised request-independent value is unchanged
+    assert s.metric_cache[m.key] == pytest.approx(20)
+
+
+def test_work_metrics():
+    s = make_status(
+        "a", num_free_blocks=40, num_running=3, num_waiting=2, running_tokens=900,
+        waiting_prefill_tokens=700, waiting_demand_blocks=20,
+    )  # fmt: skip
+    assert DecodeBatchSize().evaluate(s, NO_PENDING) == 3
+    assert DecodeTokens().evaluate(s, NO_PENDING) == 900
+    assert PrefillTokens().evaluate(s, NO_PENDING) == 700
+    assert KvUsage().evaluate(s, NO_PENDING) == pytest.approx((60 + 20) / 100)
+    assert NumRequests().evaluate(s, NO_PENDING) == 5
+
+
+def test_prefix_hit_tokens_depends_on_request():
+    s = make_status("a", prefix_ids=frozenset({"sys"}))
+    hit = DispatchRequest("r", 500, prefix_id="sys", prefix_tokens=300)
+    miss = DispatchRequest("r2", 500, prefix_id="other", prefix_tokens=300)
+    m = PrefixHitTokens()
+    assert m.evaluate(s, NO_PENDING, hit) == 300
+    assert m.evaluate(s, NO_PENDING, miss) == 0
+    assert m.evaluate(s, NO_PENDING, None) == 0
