@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -146,6 +147,86 @@ Status CudaMemcpyHostDevice(uint64_t dst, uint64_t src, uint64_t bytes) {
   return FromCuda(cudaMemcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), bytes,
                              cudaMemcpyDefault),
                   "cudaMemcpy");
+}
+
+Status CudaCopyPieces(const std::vector<CopyPiece>& pieces, uint64_t stream) {
+  for (const CopyPiece& p : pieces) {
+    LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(
+        cudaMemcpyAsync(reinterpret_cast<void*>(p.dst), reinterpret_cast<const void*>(p.src), p.len,
+                        cudaMemcpyDefault, AsStream(stream)),
+        "cudaMemcpyAsync"));
+  }
+  return CudaStreamSynchronize(stream);
+}
+
+namespace {
+
+// cuMemGetAddressRange through the runtime's driver entry point: no link against libcuda, so
+// the module still imports on machines without a driver.
+using GetAddressRange = int (*)(unsigned long long* base, size_t* size, unsigned long long ptr);
+
+Status AllocationOf(uint64_t ptr, uint64_t* base, uint64_t* size) {
+  static GetAddressRange fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 3020, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<GetAddressRange>(f);
+  }();
+  if (fn == nullptr) return Status::Unsupported("cuMemGetAddressRange is not available");
+  unsigned long long b = 0;
+  size_t n = 0;
+  if (fn(&b, &n, ptr) != 0) {
+    return Status::InvalidArgument("address " + std::to_string(ptr) +
+                                   " is not in a CUDA device allocation");
+  }
+  *base = b;
+  *size = n;
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status CudaIpcExport(uint64_t ptr, std::string* handle, uint64_t* offset, uint64_t* size,
+                     int* device) {
+  cudaPointerAttributes attr{};
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(ptr)),
+                                      "cudaPointerGetAttributes"));
+  if (attr.type != cudaMemoryTypeDevice) {
+    return Status::InvalidArgument("CUDA IPC exports device memory only");
+  }
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaSetDevice(attr.device), "cudaSetDevice"));
+  uint64_t base = 0;
+  LLUMNIX_KV_RETURN_IF_ERROR(AllocationOf(ptr, &base, size));
+  cudaIpcMemHandle_t h;
+  LLUMNIX_KV_RETURN_IF_ERROR(
+      FromCuda(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(base)), "cudaIpcGetMemHandle"));
+  handle->assign(reinterpret_cast<const char*>(&h), sizeof(h));
+  *offset = ptr - base;
+  *device = attr.device;
+  return Status::Ok();
+}
+
+Status CudaIpcOpen(const std::string& handle, int device, uint64_t* base) {
+  if (handle.size() != sizeof(cudaIpcMemHandle_t)) {
+    return Status(Status::Code::kBadDescriptor, "CUDA IPC handle has the wrong size");
+  }
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, handle.data(), sizeof(h));
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaSetDevice(device), "cudaSetDevice"));
+  void* p = nullptr;
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess),
+                                      "cudaIpcOpenMemHandle"));
+  *base = reinterpret_cast<uint64_t>(p);
+  return Status::Ok();
+}
+
+Status CudaIpcClose(uint64_t base) {
+  return FromCuda(cudaIpcCloseMemHandle(reinterpret_cast<void*>(base)), "cudaIpcCloseMemHandle");
 }
 
 }  // namespace llumnix_kv

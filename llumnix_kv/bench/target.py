@@ -41,7 +41,7 @@ def serve(
             if cmd == "exit":
                 break
             try:
-                conn.send(("ok", _handle(engine, buf, cmd, args)))
+                conn.send(("ok", _handle(engine, buf, dev_ptr, nbytes, cmd, args)))
             except KvError as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
@@ -50,17 +50,26 @@ def serve(
             _C.cuda_free(dev_ptr)
 
 
-def _handle(engine: TransferEngine, buf: np.ndarray, cmd: str, args: list[Any]) -> Any:
+def _handle(
+    engine: TransferEngine, buf: np.ndarray, dev_ptr: int, nbytes: int, cmd: str, args: list[Any]
+) -> Any:
     if cmd == "fill":
         (seed,) = args
-        buf[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
+        data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+        if dev_ptr:
+            _C.cuda_memcpy_sync(dev_ptr, data.ctypes.data, nbytes)
+        else:
+            buf[:] = data
         return None
-    if cmd == "digest":
+    if cmd in ("digest", "bytes"):
         offset, length = args
-        return hashlib.sha256(buf[offset : offset + length].tobytes()).hexdigest()
-    if cmd == "bytes":
-        offset, length = args
-        return buf[offset : offset + length].tobytes()
+        if dev_ptr:  # device memory: read it back through the host
+            host = np.empty(length, np.uint8)
+            _C.cuda_memcpy_sync(host.ctypes.data, dev_ptr + offset, length)
+            raw = host.tobytes()
+        else:
+            raw = buf[offset : offset + length].tobytes()
+        return raw if cmd == "bytes" else hashlib.sha256(raw).hexdigest()
     if cmd == "notifications":
         (timeout,) = args
         return [(n.peer, n.message) for n in engine.notifications(timeout)]

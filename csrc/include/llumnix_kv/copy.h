@@ -71,4 +71,18 @@ Status CudaMalloc(uint64_t bytes, int device, uint64_t* ptr);
 Status CudaFree(uint64_t ptr);
 Status CudaMemcpyHostDevice(uint64_t dst, uint64_t src, uint64_t bytes);  // synchronous, any way
 
+// Copies pieces between any mix of host and device memory (cudaMemcpyDefault) on `stream`, then
+// waits for them.
+Status CudaCopyPieces(const std::vector<CopyPiece>& pieces, uint64_t stream);
+
+// CUDA IPC, the shm transport's path for device memory. Export gives the IPC handle of the device
+// allocation holding `ptr` (kCudaIpcHandleBytes bytes), that allocation's size, the offset of
+// `ptr` in it and its device; a peer process opens the handle once and addresses the allocation
+// from the returned base.
+constexpr size_t kCudaIpcHandleBytes = 64;
+Status CudaIpcExport(uint64_t ptr, std::string* handle, uint64_t* offset, uint64_t* size,
+                     int* device);
+Status CudaIpcOpen(const std::string& handle, int device, uint64_t* base);
+Status CudaIpcClose(uint64_t base);
+
 }  // namespace llumnix_kv

@@ -5,7 +5,9 @@
 // the whole memfd once and copies with plain memcpy on the CPU pool: the same bandwidth as a
 // copy inside one process, and nothing is left behind in /dev/shm when a process dies. Other
 // host memory is reached with process_vm_readv/writev (cross-memory attach), a kernel copy.
-// The local transport is the same link with the peer's addresses used as they are.
+// Device memory goes through CUDA IPC: the owner exports the handle of the allocation holding a
+// registered region, the peer opens it once and copies with cudaMemcpy (CUDA resolves both
+// sides). The local transport is the same link with the peer's addresses used as they are.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
@@ -33,17 +35,26 @@ bool FindSharedAllocation(EngineServices* engine, uint64_t addr, uint64_t len, i
 
 namespace {
 
+// Key of a region: where the peer finds it. offset/size: of the region's start in, and of, the
+// memfd allocation or CUDA allocation holding it.
 struct ShmKey {
-  int32_t fd = -1;  // -1: not shared memory, use cross-memory attach
+  static constexpr int32_t kCrossMemoryAttach = -1;  // host memory not in a memfd
+  static constexpr int32_t kCudaIpc = -2;            // device memory: ipc_handle + device
+  int32_t fd = kCrossMemoryAttach;                   // >= 0: the owner's memfd descriptor
   uint64_t offset = 0;
   uint64_t size = 0;
+  std::string ipc_handle;
+  int32_t device = -1;
 };
 
 Status ParseKey(const std::string& blob, ShmKey* key) {
   wire::Reader r(blob);
   LLUMNIX_KV_RETURN_IF_ERROR(r.Get(&key->fd));
   LLUMNIX_KV_RETURN_IF_ERROR(r.Get(&key->offset));
-  return r.Get(&key->size);
+  LLUMNIX_KV_RETURN_IF_ERROR(r.Get(&key->size));
+  if (key->fd != ShmKey::kCudaIpc) return Status::Ok();
+  LLUMNIX_KV_RETURN_IF_ERROR(r.GetString(&key->ipc_handle, kCudaIpcHandleBytes));
+  return r.Get(&key->device);
 }
 
 class ShmLink : public Link {
@@ -54,6 +65,7 @@ class ShmLink : public Link {
   ~ShmLink() override {
     Close();
     for (auto& [fd, m] : maps_) munmap(m.first, m.second);
+    for (auto& [handle, base] : ipc_maps_) (void)CudaIpcClose(base);
   }
 
   Status Map() {
@@ -63,6 +75,11 @@ class ShmLink : public Link {
       if (it == r.keys.end()) continue;
       ShmKey key;
       LLUMNIX_KV_RETURN_IF_ERROR(ParseKey(it->second, &key));
+      if (key.fd == ShmKey::kCudaIpc && !ipc_maps_.count(key.ipc_handle)) {
+        uint64_t base = 0;
+        LLUMNIX_KV_RETURN_IF_ERROR(CudaIpcOpen(key.ipc_handle, key.device, &base));
+        ipc_maps_[key.ipc_handle] = base;
+      }
       if (key.fd < 0 || maps_.count(key.fd)) continue;
       const std::string path =
           "/proc/" + std::to_string(peer_.pid) + "/fd/" + std::to_string(key.fd);
@@ -126,20 +143,29 @@ class ShmLink : public Link {
     if (r == nullptr) return 0;
     auto it = r->keys.find("shm");
     ShmKey key;
-    if (it == r->keys.end() || !ParseKey(it->second, &key).ok() || key.fd < 0) return 0;
-    auto m = maps_.find(key.fd);
-    if (m == maps_.end()) return 0;
-    return reinterpret_cast<uint64_t>(m->second.first) + key.offset + (remote - r->addr);
+    if (it == r->keys.end() || !ParseKey(it->second, &key).ok()) return 0;
+    uint64_t base = 0;
+    if (key.fd == ShmKey::kCudaIpc) {
+      auto m = ipc_maps_.find(key.ipc_handle);
+      if (m != ipc_maps_.end()) base = m->second;
+    } else if (key.fd >= 0) {
+      auto m = maps_.find(key.fd);
+      if (m != maps_.end()) base = reinterpret_cast<uint64_t>(m->second.first);
+    }
+    return base == 0 ? 0 : base + key.offset + (remote - r->addr);
   }
 
   Status Copy(const Batch& b) {
     const bool write = b.op == TransferOp::kWrite;
-    if (b.device) {  // local transport only (SupportsDevice): CUDA resolves both sides
+    if (b.device) {  // CUDA resolves host and device addresses alike (UVA, IPC mappings)
+      std::vector<CopyPiece> pieces;
       for (const Segment& s : b.segs) {
-        LLUMNIX_KV_RETURN_IF_ERROR(write ? CudaMemcpy(s.remote, s.local, s.len, 0)
-                                         : CudaMemcpy(s.local, s.remote, s.len, 0));
+        const uint64_t remote = Translate(s.remote, s.len);
+        if (remote == 0) return Status::Unsupported("device memory of the peer is not mapped");
+        pieces.push_back(write ? CopyPiece{s.local, remote, s.len}
+                               : CopyPiece{remote, s.local, s.len});
       }
-      return CudaStreamSynchronize(0);
+      return CudaCopyPieces(pieces, 0);
     }
     std::vector<CopyPiece> pieces;
     std::vector<iovec> local_iov, remote_iov;
@@ -178,6 +204,7 @@ class ShmLink : public Link {
   const PeerDescriptor peer_;
   const bool identity_;
   std::map<int32_t, std::pair<void*, uint64_t>> maps_;  // peer fd -> (base, size)
+  std::map<std::string, uint64_t> ipc_maps_;            // CUDA IPC handle -> base here
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Batch>> queue_;
@@ -195,18 +222,25 @@ class ShmTransport : public Transport {
 
   Status RegisterRegion(const LocalRegion& region, std::string* key) override {
     key->clear();
-    if (local_ || region.device >= 0) return Status::Ok();
+    if (local_) return Status::Ok();
     wire::Writer w;
-    int fd = -1;
-    uint64_t offset = 0, size = 0;
-    if (FindSharedAllocation(engine_, region.addr, region.len, &fd, &offset, &size)) {
+    if (region.device >= 0) {
+      std::string handle;
+      uint64_t offset = 0, size = 0;
+      int device = region.device;
+      LLUMNIX_KV_RETURN_IF_ERROR(CudaIpcExport(region.addr, &handle, &offset, &size, &device));
+      w.Put<int32_t>(ShmKey::kCudaIpc);
+      w.Put<uint64_t>(offset);
+      w.Put<uint64_t>(size);
+      w.PutString(handle);
+      w.Put<int32_t>(device);
+    } else {
+      int fd = ShmKey::kCrossMemoryAttach;
+      uint64_t offset = 0, size = 0;
+      FindSharedAllocation(engine_, region.addr, region.len, &fd, &offset, &size);
       w.Put<int32_t>(fd);
       w.Put<uint64_t>(offset);
       w.Put<uint64_t>(size);
-    } else {
-      w.Put<int32_t>(-1);
-      w.Put<uint64_t>(0);
-      w.Put<uint64_t>(0);
     }
     *key = std::move(w.str());
     return Status::Ok();
@@ -217,7 +251,7 @@ class ShmTransport : public Transport {
     return local_ ? peer.name == engine_->name() || peer.pid == static_cast<uint32_t>(getpid())
                   : peer.host_id == engine_->host_id();
   }
-  bool SupportsDevice() const override { return local_ && CudaCompiled(); }
+  bool SupportsDevice() const override { return CudaCompiled(); }
 
   Status Connect(const PeerDescriptor& peer, std::unique_ptr<Link>* link) override {
     auto l = std::make_unique<ShmLink>(peer, local_);
