@@ -65,6 +65,14 @@ class InternalError(KvError, RuntimeError):
     """A bug: an invariant of the core did not hold."""
 
 
+class TierClosedError(KvError, RuntimeError):
+    """An operation was called on a KV store tier after ``close()``."""
+
+
+class TierUnavailableError(PeerLostError):
+    """A remote KV store tier cannot be reached (connection refused, reset or lost)."""
+
+
 # Index = llumnix_kv::Status::Code; 0 (OK) never raises.
 _BY_CODE: tuple[type[KvError], ...] = (
     InternalError,

@@ -32,7 +32,11 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from llumnix_kv.errors import InvalidArgumentError, KvError, PeerLostError
+from llumnix_kv.errors import (
+    InvalidArgumentError,
+    TierClosedError,
+    TierUnavailableError,
+)
 
 __all__ = [
     "ChunkKey",
@@ -52,14 +56,6 @@ T = TypeVar("T")
 
 # Counter names every tier reports from stats(); tiers add their own (bytes_used, entries, ...).
 COUNTERS = ("hits", "misses", "puts", "rejected", "evictions", "corrupt", "errors")
-
-
-class TierClosedError(KvError, RuntimeError):
-    """An operation was called on a store tier after ``close()``."""
-
-
-class TierUnavailableError(PeerLostError):
-    """A remote store tier cannot be reached (connection refused, reset or lost)."""
 
 
 class TierCounters:
