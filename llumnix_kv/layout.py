@@ -21,7 +21,9 @@ from llumnix_kv.errors import InvalidArgumentError, InvalidLayoutError, Unsuppor
 
 __all__ = [
     "TensorLike",
+    "layout_from_dict",
     "layout_from_tensors",
+    "layout_to_dict",
     "sglang_mha",
     "sglang_mla",
     "vllm_cpu",
@@ -264,3 +266,44 @@ def _token_head(layout: str) -> tuple[str, str]:
     if layout == "HND":
         return ("head", "token")
     raise InvalidArgumentError(f"layout must be 'NHD' or 'HND', got {layout!r}")
+
+
+_LAYOUT_FIELDS = (
+    "num_layers",
+    "num_kv",
+    "num_blocks",
+    "block_tokens",
+    "num_heads",
+    "head_bytes",
+    "dtype",
+    "region_layer_mult",
+    "region_kv_mult",
+    "layer_stride",
+    "kv_stride",
+    "block_stride",
+    "token_stride",
+    "head_stride",
+)
+
+
+def layout_to_dict(layout: KvLayout) -> dict[str, Any]:
+    """The layout as plain data (ints, a str, a list of ``[addr, bytes, device]``), for
+    JSON or msgpack; :func:`layout_from_dict` reads it back in any process."""
+    out: dict[str, Any] = {name: getattr(layout, name) for name in _LAYOUT_FIELDS}
+    out["regions"] = [[r.addr, r.bytes, r.device] for r in layout.regions]
+    return out
+
+
+def layout_from_dict(data: dict[str, Any]) -> KvLayout:
+    """Inverse of :func:`layout_to_dict`. The regions are addresses in the process that
+    described the layout: use the result as a peer's (remote) layout, never to touch memory
+    here."""
+    layout = KvLayout()
+    try:
+        for name in _LAYOUT_FIELDS:
+            setattr(layout, name, data[name])
+        layout.regions = [MemoryRegion(int(a), int(n), int(d)) for a, n, d in data["regions"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"not a layout description: {exc}") from exc
+    layout.validate()
+    return layout

@@ -1,0 +1,367 @@
+"""``LlumnixConnector``: prefill-decode disaggregation for vLLM 0.32 over the transfer engine.
+
+Pull mode (the protocol is in :mod:`llumnix_kv.connector.pd`): the prefill instance runs the
+prompt with ``kv_transfer_params={"do_remote_decode": True}`` and keeps the request's blocks;
+the params it returns go to the decode instance, which reads the KV into its own blocks and
+tells the prefill instance, which then frees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from llumnix_kv._C import KvLayout
+from llumnix_kv.connector import LoadJob, PdHandoff, PdPuller, PdSendLedger
+from llumnix_kv.errors import KvError, UnsupportedError
+from llumnix_kv.layout import layout_to_dict, vllm_cpu
+from llumnix_kv.plugins.vllm.config import LlumnixConnectorConfig
+from llumnix_kv.transfer import TransferEngine
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["LlumnixConnector", "LlumnixConnectorMetadata", "LlumnixHandshake", "LoadSpec"]
+
+logger = logging.getLogger(__name__)
+
+# Key of the hand-offs (one per prefill tensor-parallel rank) in kv_transfer_params.
+HANDOFF_KEY = "llumnix_handoff"
+
+
+@dataclass
+class LlumnixHandshake(KVConnectorHandshakeMetadata):
+    """What one worker tells its scheduler once its KV cache is registered."""
+
+    engine_name: str
+    descriptor: bytes  # the worker's TransferEngine.descriptor()
+    layout: dict[str, Any]  # layout_to_dict of the worker's KV cache, at its addresses
+
+
+@dataclass
+class LoadSpec:
+    """One load for the decode worker: tokens ``[tokens[0], tokens[1])`` from the prefill
+    described by ``handoffs`` (one per prefill TP rank) into ``local_blocks``."""
+
+    handoffs: list[dict[str, Any]]
+    local_blocks: list[int]
+    tokens: tuple[int, int]
+    # Only tell the prefill to free its blocks: no request here waits for this load.
+    notice_only: bool = False
+
+
+@dataclass
+class LlumnixConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step."""
+
+    loads: dict[str, LoadSpec] = field(default_factory=dict)  # request id -> load
+    sends: dict[str, float] = field(default_factory=dict)  # request id -> hold seconds
+
+
+class LlumnixConnector(KVConnectorBase_V1):
+    """Prefill-decode disaggregation (pull mode) over llumnix_kv's transfer engine.
+
+    Scheduler side:
+        - ``get_num_new_matched_tokens``: a request with ``do_remote_prefill`` and a Llumnix
+          hand-off loads the prompt tokens the prefill computed beyond the local prefix hit,
+          asynchronously (the request waits in WAITING_FOR_REMOTE_KVS). Side-effect free,
+          except that a malformed hand-off is dropped once (the request is prefilled here).
+        - ``update_state_after_alloc``: records the request's block table and token range
+          for the worker; one load per request (``do_remote_prefill`` is cleared).
+        - ``build_connector_meta``: ships this step's loads and send holds to the workers;
+          ``has_pending_push_work`` is True while some wait to be shipped.
+        - ``request_finished``: on the prefill instance, a request with
+          ``do_remote_decode`` that finished normally keeps its blocks (returns True) and
+          returns the hand-off params for the decode instance; the worker frees them on the
+          decode's read notice or after ``send_timeout_s``. On the decode instance, a request
+          aborted before its load was scheduled sends the prefill an empty read notice, so
+          the prefill frees its blocks at once.
+
+    Worker side:
+        - ``register_kv_caches``: describes the CPU_ATTN cache as a KvLayout, registers it
+          with the process's TransferEngine (one per worker process) and publishes it in
+          ``get_handshake_metadata``.
+        - ``start_load_kv``: submits this step's READs and starts the send holds; it never
+          waits for data, but the first hand-off from a prefill worker connects to it (a
+          blocking handshake bounded by the transfer engine's connect timeout).
+        - ``wait_for_layer_load``, ``save_kv_layer``, ``wait_for_save``: no-ops (pull mode
+          moves whole requests between steps).
+        - ``get_finished``: loads whose data landed or failed (finished_recving), and holds
+          released by a read notice or their deadline (finished_sending).
+        - ``get_block_ids_with_load_errors``: the local blocks of failed loads, so vLLM
+          recomputes them (``kv_load_failure_policy="recompute"``) or fails the request.
+    """
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        transfer_config = vllm_config.kv_transfer_config
+        assert transfer_config is not None  # the base class raised otherwise
+        self.config = LlumnixConnectorConfig.from_extra_config(
+            transfer_config.kv_connector_extra_config
+        )
+        self.engine_id = str(transfer_config.engine_id or uuid.uuid4().hex[:8])
+        # Scheduler side.
+        self._handshakes: dict[int, LlumnixHandshake] = {}
+        self._loads: dict[str, LoadSpec] = {}
+        self._sends: dict[str, float] = {}
+        # Worker side.
+        self._engine: TransferEngine | None = None
+        self._layout: KvLayout | None = None
+        self._puller: PdPuller | None = None
+        self._ledger: PdSendLedger | None = None
+        self._failed_blocks: set[int] = set()
+        self._notice_only: set[str] = set()  # loads whose end vLLM does not wait for
+        self._tp_rank = 0
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        for rank, meta in metadata.items():
+            if isinstance(meta, LlumnixHandshake):
+                self._handshakes[rank] = meta
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        remote_tokens = _remote_tokens(request)
+        if remote_tokens is None:
+            return 0, False
+        count = min(remote_tokens, request.num_prompt_tokens) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        params = request.kv_transfer_params
+        remote_tokens = _remote_tokens(request)
+        if params is None or remote_tokens is None:
+            return
+        end = min(remote_tokens, request.num_prompt_tokens)
+        # num_external_tokens == 0 is a full local prefix hit: load nothing, but still send
+        # the read notice so the prefill frees its blocks.
+        begin = end - num_external_tokens if num_external_tokens > 0 else end
+        self._loads[request.request_id] = LoadSpec(
+            handoffs=list(params[HANDOFF_KEY]),
+            local_blocks=list(blocks.get_block_ids()[0]),
+            tokens=(begin, end),
+            notice_only=num_external_tokens == 0,
+        )
+        params["do_remote_prefill"] = False
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = LlumnixConnectorMetadata(loads=self._loads, sends=self._sends)
+        self._loads, self._sends = {}, {}
+        return meta
+
+    def has_pending_push_work(self) -> bool:
+        # Loads and holds not yet shipped to the workers keep the engine stepping: a read
+        # notice for a request aborted before it was scheduled must still reach the prefill.
+        return bool(self._loads or self._sends)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        params = request.kv_transfer_params
+        if not params:
+            return False, None
+        if _remote_tokens(request) is not None:
+            # Finished (aborted) before its blocks were allocated: release the prefill's.
+            self._loads[request.request_id] = LoadSpec(
+                list(params[HANDOFF_KEY]), [], (0, 0), notice_only=True
+            )
+            params["do_remote_prefill"] = False
+            return False, None
+        if not params.get("do_remote_decode"):
+            return False, None
+        if request.status not in (
+            RequestStatus.FINISHED_LENGTH_CAPPED,
+            RequestStatus.FINISHED_STOPPED,
+        ):
+            return False, None
+        if not block_ids or not self._handshakes:
+            if not self._handshakes:
+                logger.warning("no worker handshake yet; %s is not handed off", request)
+            return False, None
+        num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+        handoffs = [
+            PdHandoff(
+                request_id=request.request_id,
+                engine_name=hs.engine_name,
+                descriptor=hs.descriptor,
+                layout=hs.layout,
+                block_ids=tuple(block_ids),
+                num_tokens=num_tokens,
+            ).to_params()
+            for _, hs in sorted(self._handshakes.items())
+        ]
+        self._sends[request.request_id] = self.config.send_timeout_s
+        return True, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            HANDOFF_KEY: handoffs,
+        }
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        tensors = list(kv_caches.values())
+        if not tensors or tensors[0].device.type != "cpu" or tensors[0].dim() != 4:
+            shape = tuple(tensors[0].shape) if tensors else ()
+            raise UnsupportedError(
+                "LlumnixConnector supports vLLM's CPU_ATTN cache ([num_blocks, kv_heads, "
+                f"block_size, 2 * head_size] per layer); got {shape} on "
+                f"{tensors[0].device if tensors else None}"
+            )
+        self._layout = vllm_cpu(tensors)
+        block_size = self._vllm_config.cache_config.block_size
+        if self._layout.block_tokens != block_size:
+            raise UnsupportedError(
+                f"KV cache tensors hold {self._layout.block_tokens}-token blocks, the engine "
+                f"uses {block_size}: not the CPU_ATTN layout"
+            )
+        self._tp_rank = _tp_rank()
+        name = f"vllm-{self.engine_id}-tp{self._tp_rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._engine = TransferEngine(
+            name, transports=self.config.transports, listen_host=self.config.listen_host
+        )
+        self._engine.register_layout(self._layout)
+        self._puller = PdPuller(self._engine, self._layout)
+        self._ledger = PdSendLedger(self._engine)
+        logger.info(
+            "registered %d layers, %d blocks of %d tokens as %s",
+            self._layout.num_layers,
+            self._layout.num_blocks,
+            self._layout.block_tokens,
+            name,
+        )
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        if self._engine is None or self._layout is None:
+            return None
+        return LlumnixHandshake(
+            self._engine.name, self._engine.descriptor(), layout_to_dict(self._layout)
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LlumnixConnectorMetadata)
+        if self._puller is None or self._ledger is None:
+            return
+        now = time.monotonic()
+        for request_id, seconds in meta.sends.items():
+            self._ledger.hold(request_id, seconds)
+        for request_id, spec in meta.loads.items():
+            handoff = spec.handoffs[self._tp_rank % len(spec.handoffs)]
+            job = LoadJob(
+                request_id=request_id,
+                handoff=PdHandoff.from_params(handoff),
+                local_blocks=spec.local_blocks,
+                tokens=spec.tokens,
+                deadline=now + self.config.load_timeout_s,
+            )
+            if spec.notice_only:
+                self._notice_only.add(request_id)
+            self._puller.start(job)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._puller is None or self._ledger is None:
+            return None, None
+        sending = set(self._ledger.poll())
+        recving = set()
+        for outcome in self._puller.poll():
+            if outcome.request_id in self._notice_only:
+                self._notice_only.discard(outcome.request_id)
+                continue
+            recving.add(outcome.request_id)
+            self._failed_blocks.update(outcome.failed_blocks)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def counters(self) -> dict[str, int]:
+        """Worker-side totals since start (loads, tokens loaded, holds released)."""
+        puller, ledger = self._puller, self._ledger
+        return {
+            "loads_done": puller.loads_done if puller else 0,
+            "loads_failed": puller.loads_failed if puller else 0,
+            "tokens_loaded": puller.tokens_loaded if puller else 0,
+            "loads_pending": puller.pending if puller else 0,
+            "reads_noticed": ledger.reads_noticed if ledger else 0,
+            "holds_expired": ledger.holds_expired if ledger else 0,
+            "holds_pending": ledger.pending if ledger else 0,
+        }
+
+
+def _remote_tokens(request: Request) -> int | None:
+    """Prompt tokens the prefill computed, for a request that still has to load them; None
+    for any other request, or when its hand-off is malformed (it is then prefilled here)."""
+    params = request.kv_transfer_params
+    if not params or not params.get("do_remote_prefill") or HANDOFF_KEY not in params:
+        return None
+    try:
+        handoffs = [PdHandoff.from_params(h) for h in params[HANDOFF_KEY]]
+    except (KvError, TypeError) as exc:
+        logger.warning("ignoring the malformed hand-off of %s: %s", request.request_id, exc)
+        params["do_remote_prefill"] = False
+        return None
+    if not handoffs:
+        return None
+    return handoffs[0].num_tokens
+
+
+def _tp_rank() -> int:
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    try:
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, RuntimeError):
+        return 0
