@@ -132,6 +132,20 @@ class KvUsage(Metric):
         return used / max(1, s.num_total_blocks)
 
 
+class KvFreeFraction(Metric):
+    """Projected free KV as a fraction of capacity: ``1 - kv_usage`` (higher = more room).
+    INFaaS++'s load metric expressed as room, so an autoscaling band reads like freeness."""
+
+    name = "kv_free_fraction"
+    higher_is_better = True
+
+    def compute(self, s: InstanceStatus, p: PendingLoad, r: DispatchRequest | None = None) -> float:
+        if s.draining:
+            return -math.inf
+        free = s.num_free_blocks - s.waiting_demand_blocks - p.blocks
+        return free / max(1, s.num_total_blocks)
+
+
 class NumRequests(Metric):
     """Running, queued and in-flight requests."""
 
@@ -171,6 +185,7 @@ for _name, _cls in [
     ("decode_batch_size", "DecodeBatchSize"),
     ("decode_tokens", "DecodeTokens"),
     ("kv_usage", "KvUsage"),
+    ("kv_free_fraction", "KvFreeFraction"),
     ("num_requests", "NumRequests"),
     ("queue_size", "QueueSize"),
     ("prefix_hit_tokens", "PrefixHitTokens"),

@@ -3,9 +3,12 @@
 Per step the engine either prefills (admitting queued requests FCFS while their blocks fit
 and the token budget allows; a request that does not fit blocks the queue behind it) or
 decodes one token for every running request. Before a decode step every request whose last
-block is full needs a new block; when there are not enough free blocks the most recently
-admitted running request is preempted by recompute: its blocks are freed and it re-queues at
-the head, to prefill prompt + generated tokens again.
+block is full needs a new block; when there are not enough free blocks the running request
+that arrived last is preempted by recompute (vLLM's FCFS policy keeps the running queue in
+arrival order and pops its tail; with a priority queue, the lowest priority first): its
+blocks are freed and it re-queues at the head, to prefill prompt + generated tokens again.
+A request that joined by migration or was re-admitted after a preemption keeps its arrival
+order, so it is not the next victim just because it joined the batch last.
 
 Token accounting of a request: after a prefill of ``n`` tokens the KV holds ``n`` tokens and
 one more token has been generated; each decode step writes the previous token's KV and
@@ -231,6 +234,12 @@ class SimInstance:
         self.num_high_priority -= r.trace.priority > 0
         self.enqueue(r, front=True)
 
+    def _victim_key(self, r: SimRequest) -> tuple[int, float]:
+        """Preemption order: the largest key goes first (latest arrival; with a priority
+        queue, among the lowest priority); ties go to the most recently admitted."""
+        prio = -r.trace.priority if self.priority_queue else 0
+        return (prio, r.trace.arrival_s)
+
     # -- steps -----------------------------------------------------------------------------
     def start_step(self, now: float, on_preempt: object = None) -> float | None:
         """Schedule and begin one step; returns its duration, or None when idle. Calls
@@ -253,7 +262,7 @@ class SimInstance:
             if not self.running:
                 return None
             while len(self.needing) > self.free_blocks and self.running:
-                victim = self.running[-1]
+                victim = max(reversed(self.running), key=self._victim_key)
                 self._preempt(victim, now)
                 if callable(on_preempt):
                     on_preempt(victim)

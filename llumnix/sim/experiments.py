@@ -13,7 +13,8 @@ Presets (all on the same engines and traces):
 
 Families: ``serving`` (latency vs request rate on fixed clusters, the paper's Figure 10 traces
 and rates), ``priority`` (Gamma arrivals, 10% high-priority requests, Figure 13) and
-``autoscale`` (cost vs P99 prefill latency over a range of scaling bands, Figure 14).
+``autoscale`` (cost vs P99 prefill latency over a range of scaling bands, Figure 14; each
+preset scales on its own load metric, ``AUTOSCALE_METRIC``).
 """
 
 from __future__ import annotations
@@ -134,15 +135,34 @@ points sit where INFaaS++ starts to queue, as the paper's do. The simulated A10 
 1.15x (S-S) to 1.6x (ShareGPT) the paper's rates before saturating: at the paper's absolute
 rates every policy sits at the latency floor (see ``benchmarks/scheduler/README.md``)."""
 AUTOSCALE_BANDS: list[tuple[float, float]] = [
+    (5, 50),
+    (10, 60),
+    (15, 60),
+    (20, 65),
     (30, 75),
-    (35, 85),
     (40, 100),
-    (45, 110),
-    (50, 120),
     (60, 140),
-    (80, 180),
 ]
-"""Autoscaling freeness bands ``(scale out below, scale in above)`` swept per policy."""
+"""Llumnix's autoscaling bands ``(scale out below, scale in above)`` of average freeness
+(blocks per running request), swept to trace cost against P99 latency."""
+INFAAS_AUTOSCALE_BANDS: list[tuple[float, float]] = [
+    (-0.05, 0.20),
+    (0.0, 0.25),
+    (0.05, 0.30),
+    (0.10, 0.35),
+    (0.15, 0.40),
+    (0.20, 0.45),
+    (0.30, 0.55),
+]
+"""INFaaS++'s bands, on its own load metric (projected free KV fraction, queued demand
+included), as in the paper: each system scales on the load metric it dispatches with."""
+AUTOSCALE_METRIC: dict[str, str] = {"infaas++": "kv_free_fraction"}
+"""Autoscaling metric per preset (default ``freeness``)."""
+
+
+def autoscale_bands(policy: str) -> list[tuple[float, float]]:
+    """The bands swept for a preset."""
+    return INFAAS_AUTOSCALE_BANDS if policy == "infaas++" else AUTOSCALE_BANDS
 
 
 @dataclass
@@ -200,12 +220,13 @@ def expand(spec: ExperimentSpec) -> Iterator[tuple[Run, SimConfig, list[TraceReq
             )
             for policy in spec.policies:
                 if spec.family == "autoscale":
-                    for lo, hi in AUTOSCALE_BANDS:
+                    for lo, hi in autoscale_bands(policy):
                         auto = AutoscaleConfig(
                             scale_out_below=lo,
                             scale_in_above=hi,
                             min_instances=1,
                             max_instances=4 * spec.num_instances,
+                            metric=AUTOSCALE_METRIC.get(policy, "freeness"),
                         )
                         cfg = policy_config(
                             policy, spec.num_instances, spec.profile, priorities, auto
@@ -252,6 +273,7 @@ def count_requests(spec: ExperimentSpec) -> int:
     runs = 0
     for trace_name in spec.traces:
         rates = _rates(spec, trace_name)
-        bands = len(AUTOSCALE_BANDS) if spec.family == "autoscale" else 1
-        runs += len(rates) * len(spec.policies) * bands
+        for policy in spec.policies:
+            bands = len(autoscale_bands(policy)) if spec.family == "autoscale" else 1
+            runs += len(rates) * bands
     return runs * per_trace

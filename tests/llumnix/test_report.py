@@ -1,8 +1,10 @@
+import math
+
 import pytest
 
 from llumnix.sim.experiments import ExperimentSpec, Run, count_requests, expand
 from llumnix.sim.metrics import LatencyStats, SimResult
-from llumnix.sim.report import autoscale_claims, serving_claims, table
+from llumnix.sim.report import autoscale_claims, cost_at, serving_claims, table
 
 
 def run(family, policy, rate, p99, mean, ploss=0.0, cost=0.0, knob=None):
@@ -34,8 +36,20 @@ def test_autoscale_claim_compares_cost_frontiers_at_equal_p99():
         run("autoscale", "llumnix", 6.0, 1.0, 1, cost=120, knob=50),
     ]
     claim = autoscale_claims(runs)[0]
-    # at P99 <= 1.1 s: llumnix 70 vs infaas++ 100 (not 150); at <= 44 s: 70 vs 80
-    assert claim.ours_best == pytest.approx(-30.0)
+    # read at P99 1.05 s: llumnix 70 vs infaas++ interpolated between 80 (40 s) and 100 (1 s);
+    # at 1.0 s: 120 vs 100 (not 150); at 40 s: 70 vs 80
+    infaas_at = 80 + 20 * (math.log(40) - math.log(1.05)) / math.log(40)
+    assert claim.ours_best == pytest.approx(100 * (70 / infaas_at - 1))
+    assert claim.ours_median == pytest.approx(-12.5)
+    assert "1.05s" in claim.where
+
+
+def test_cost_at_interpolates_log_p99_on_the_frontier():
+    frontier = [(80.0, 40.0), (100.0, 1.0)]
+    assert cost_at(frontier, 50.0) == 80.0  # the cheapest band already reaches it
+    assert cost_at(frontier, math.sqrt(40.0)) == pytest.approx(90.0)
+    assert cost_at(frontier, 1.0) == 100.0
+    assert cost_at(frontier, 0.9) is None  # no band reaches it
 
 
 def test_spec_expansion_counts_every_run():
@@ -45,3 +59,12 @@ def test_spec_expansion_counts_every_run():
     auto = ExperimentSpec(family="autoscale", traces=["M-M"], rates={"M-M": [1.0]},
                           policies=["llumnix"], num_requests=10)  # fmt: skip
     assert len(list(expand(auto))) == count_requests(auto) // 10 == 7
+    both = ExperimentSpec(family="autoscale", traces=["M-M"], rates={"M-M": [1.0]},
+                          policies=["infaas++", "llumnix"], num_requests=10)  # fmt: skip
+    cfgs = [(run.policy, cfg) for run, cfg, _ in expand(both)]
+    assert len(cfgs) == count_requests(both) // 10 == 14
+    # each system scales on its own load metric
+    for policy, cfg in cfgs:
+        assert cfg.rescheduler is not None and cfg.rescheduler.autoscale is not None
+        want = "kv_free_fraction" if policy == "infaas++" else "freeness"
+        assert cfg.rescheduler.autoscale.metric == want

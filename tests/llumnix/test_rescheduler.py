@@ -1,3 +1,5 @@
+import pytest
+
 from llumnix.rescheduler import (
     AutoscaleConfig,
     Autoscaler,
@@ -107,6 +109,36 @@ def test_autoscaler_band_cooldown_and_victim():
     assert d is not None and d.action is ScaleAction.IN and d.instance_ids == ("b",)
     single = make_view(make_status("a"))
     assert Autoscaler(cfg).decide(single, 0.0) is None  # at min_instances
+
+
+def test_autoscaler_pools_freeness_so_an_idle_instance_is_no_surplus():
+    cfg = AutoscaleConfig(scale_out_below=10, scale_in_above=60, min_instances=1, cooldown_s=5)
+    # two busy instances and a fresh idle one: mean per-instance freeness would be
+    # (4 + 4 + 936) / 3 > 60 (scale in); pooled it is (40 + 40 + 936) / 21 < 60
+    view = make_view(
+        make_status("a", num_total_blocks=936, num_free_blocks=40, num_running=10),
+        make_status("b", num_total_blocks=936, num_free_blocks=40, num_running=10),
+        make_status("c", num_total_blocks=936, num_free_blocks=936, num_running=0),
+    )
+    auto = Autoscaler(cfg)
+    assert auto.average(view.status_list()) == pytest.approx(1016 / 21)
+    assert auto.decide(view, 0.0) is None
+
+
+def test_autoscaler_on_projected_free_memory():
+    cfg = AutoscaleConfig(scale_out_below=0.1, scale_in_above=0.5, metric="kv_free_fraction")
+    full = make_view(
+        make_status("a", num_total_blocks=100, num_free_blocks=10, waiting_demand_blocks=5),
+        make_status("b", num_total_blocks=100, num_free_blocks=20, num_running=3),
+    )
+    auto = Autoscaler(cfg)
+    assert auto.average(full.status_list()) == pytest.approx(0.125)
+    assert auto.decide(full, 0.0) is None  # inside the band
+    full.update(make_status("b", num_total_blocks=100, num_free_blocks=5, num_running=3))
+    d = auto.decide(full, 0.0)
+    assert d is not None and d.action is ScaleAction.OUT
+    with pytest.raises(ValueError):
+        Autoscaler(AutoscaleConfig(metric="kv_usage"))
 
 
 def test_load_balance_with_headroom_moves_only_normal_requests():

@@ -66,6 +66,17 @@ def test_fcfs_head_of_line_blocks_queue():
     assert inst.status(0.1).hol_demand_blocks == 9
 
 
+def test_preemption_victim_is_the_latest_arrival_not_the_latest_to_join():
+    inst = SimInstance("i", SMALL)  # 10 blocks x 4 tokens
+    old, new = req("old", 8, 30, t=0.0), req("new", 8, 30, t=1.0)
+    inst.enqueue(new)
+    inst.finish_step(inst.start_step(1.0) or 1.0)
+    inst.enqueue(old)  # e.g. re-admitted after a preemption or joined by migration
+    now = run_until_idle(inst, 2.0)
+    assert old.num_preemptions == 0 and new.num_preemptions >= 1
+    assert old.finish_s is not None and new.finish_s is not None and now == new.finish_s
+
+
 def test_preemption_by_recompute_of_most_recent_request():
     inst = SimInstance("i", SMALL)  # 10 blocks x 4 tokens
     a, b = req("a", 16, 20), req("b", 16, 20)
