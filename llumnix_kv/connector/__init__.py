@@ -6,13 +6,22 @@ tokens from a peer instance into blocks this instance allocated; a *send* holds 
 peer will read until the peer says it read them or a deadline passes. The hand-off metadata a
 prefill instance gives a decode instance is a :class:`PdHandoff`. Engine plugins
 (:mod:`llumnix_kv.plugins`) translate their engine's hooks into these calls; nothing here
-imports an engine.
+imports an engine. :mod:`llumnix_kv.connector.offload` saves full blocks to the store tiers
+(:mod:`llumnix_kv.store`) and loads them back on a later prefix hit.
 """
 
 from __future__ import annotations
 
 from llumnix_kv.connector.handoff import PdHandoff
 from llumnix_kv.connector.jobs import JobState, LoadJob, SendHold
+from llumnix_kv.connector.offload import (
+    BlockOffloader,
+    StoreStack,
+    acquire_stack,
+    namespace_tag,
+    parse_store_config,
+    release_stack,
+)
 from llumnix_kv.connector.pd import (
     LoadOutcome,
     PdPuller,
@@ -22,6 +31,7 @@ from llumnix_kv.connector.pd import (
 )
 
 __all__ = [
+    "BlockOffloader",
     "JobState",
     "LoadJob",
     "LoadOutcome",
@@ -29,6 +39,11 @@ __all__ = [
     "PdPuller",
     "PdSendLedger",
     "SendHold",
+    "StoreStack",
+    "acquire_stack",
+    "namespace_tag",
     "parse_read_notice",
+    "parse_store_config",
     "read_notice",
+    "release_stack",
 ]

@@ -4,6 +4,11 @@ Pull mode (the protocol is in :mod:`llumnix_kv.connector.pd`): the prefill insta
 prompt with ``kv_transfer_params={"do_remote_decode": True}`` and keeps the request's blocks;
 the params it returns go to the decode instance, which reads the KV into its own blocks and
 tells the prefill instance, which then frees them.
+
+Store offload (``store`` in the config, :mod:`llumnix_kv.connector.offload`): full prompt
+blocks are saved to the store tiers while prefilling and loaded on a later prefix hit, by
+this instance or any other sharing a tier. With both, a decode instance reads the blocks the
+store holds from the store and only the rest from the prefill instance.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from llumnix_kv._C import KvLayout
 from llumnix_kv.connector import LoadJob, PdHandoff, PdPuller, PdSendLedger
+from llumnix_kv.connector.offload import (
+    BlockOffloader,
+    StoreStack,
+    acquire_stack,
+    namespace_tag,
+    release_stack,
+)
 from llumnix_kv.errors import KvError, UnsupportedError
 from llumnix_kv.layout import layout_to_dict, vllm_cpu
 from llumnix_kv.plugins.vllm.config import LlumnixConnectorConfig
@@ -39,7 +51,14 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["LlumnixConnector", "LlumnixConnectorMetadata", "LlumnixHandshake", "LoadSpec"]
+__all__ = [
+    "LlumnixConnector",
+    "LlumnixConnectorMetadata",
+    "LlumnixHandshake",
+    "LoadSpec",
+    "StoreLoad",
+    "StoreSave",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +85,27 @@ class LoadSpec:
     tokens: tuple[int, int]
     # Only tell the prefill to free its blocks: no request here waits for this load.
     notice_only: bool = False
+    # Blocks before ``tokens[0]`` read from the store tiers first (pd+store), or None.
+    store: StoreLoad | None = None
+
+
+@dataclass
+class StoreLoad:
+    """Blocks to fill from the store tiers before this step's forward: chunk ``keys[i]``
+    into block ``blocks[i]``. ``tokens``: the tokens the scheduler counted as loaded."""
+
+    blocks: list[int]
+    keys: list[bytes]
+    tokens: int
+
+
+@dataclass
+class StoreSave:
+    """Blocks this step's forward completes, to save after it: block ``blocks[i]`` under
+    ``keys[i]``."""
+
+    blocks: list[int]
+    keys: list[bytes]
 
 
 @dataclass
@@ -74,6 +114,17 @@ class LlumnixConnectorMetadata(KVConnectorMetadata):
 
     loads: dict[str, LoadSpec] = field(default_factory=dict)  # request id -> load
     sends: dict[str, float] = field(default_factory=dict)  # request id -> hold seconds
+    store_loads: dict[str, StoreLoad] = field(default_factory=dict)  # request id -> load
+    store_saves: dict[str, StoreSave] = field(default_factory=dict)  # request id -> save
+
+
+@dataclass
+class _StoreRequest:
+    """Scheduler-side offload state of one request."""
+
+    request: Request
+    block_ids: list[int]
+    next_save: int | None = None  # first block not yet saved; None: set on the next step
 
 
 class LlumnixConnector(KVConnectorBase_V1):
@@ -82,8 +133,9 @@ class LlumnixConnector(KVConnectorBase_V1):
     Scheduler side:
         - ``get_num_new_matched_tokens``: a request with ``do_remote_prefill`` and a Llumnix
           hand-off loads the prompt tokens the prefill computed beyond the local prefix hit,
-          asynchronously (the request waits in WAITING_FOR_REMOTE_KVS). Side-effect free,
-          except that a malformed hand-off is dropped once (the request is prefilled here).
+          asynchronously (the request waits in WAITING_FOR_REMOTE_KVS). Its side effects: a
+          malformed hand-off is dropped once (the request is prefilled here), and the store
+          match of the request is remembered for ``update_state_after_alloc``.
         - ``update_state_after_alloc``: records the request's block table and token range
           for the worker; one load per request (``do_remote_prefill`` is cleared).
         - ``build_connector_meta``: ships this step's loads and send holds to the workers;
@@ -94,6 +146,22 @@ class LlumnixConnector(KVConnectorBase_V1):
           decode's read notice or after ``send_timeout_s``. On the decode instance, a request
           aborted before its load was scheduled sends the prefill an empty read notice, so
           the prefill frees its blocks at once.
+
+    Store offload (``store`` in the config; the protocol is in
+    :mod:`llumnix_kv.connector.offload`), for every request that is not a PD load:
+        - ``get_num_new_matched_tokens``: counts the consecutive full blocks after the local
+          prefix hit whose keys (namespace tag + vLLM block hash) some tier holds, and returns
+          them as a synchronous load (capped one token short of the request, so the last
+          token is computed).
+        - ``update_state_after_alloc`` records the blocks to fill; ``build_connector_meta``
+          ships them, and the full prompt blocks each step completes, to the worker.
+        - Worker: ``start_load_kv`` (before the forward of a step with such loads) reads the
+          chunks and scatters them into the blocks; ``wait_for_save`` (after the forward)
+          gathers the completed blocks and puts them to every tier that lacks them. Blocks
+          that could not be loaded are reported by ``get_block_ids_with_load_errors``.
+        - pd+store: for a PD load, the leading blocks of the prefill's range that some tier
+          holds are read from the store (synchronously, in ``start_load_kv``) and the READ
+          from the prefill covers only the rest (possibly nothing but the read notice).
 
     Worker side:
         - ``register_kv_caches``: describes the CPU_ATTN cache as a KvLayout, registers it
@@ -135,6 +203,21 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._failed_blocks: set[int] = set()
         self._notice_only: set[str] = set()  # loads whose end vLLM does not wait for
         self._tp_rank = 0
+        # Store offload (both sides; one stack per tier list per process).
+        self._stack: StoreStack | None = None
+        self._key_tag = b""
+        self._store_reqs: dict[str, _StoreRequest] = {}
+        self._store_matches: dict[str, tuple[int, int]] = {}  # id -> (first block, blocks)
+        self._store_loads: dict[str, StoreLoad] = {}
+        self._offloader: BlockOffloader | None = None
+        if self.config.store is not None:
+            if vllm_config.parallel_config.tensor_parallel_size > 1:
+                # Every rank would save its own head shard under the same block key.
+                raise UnsupportedError("the store offload supports tensor_parallel_size 1")
+            self._key_tag = namespace_tag(
+                self.config.store.get("namespace") or _default_namespace(vllm_config)
+            )
+            self._stack = acquire_stack(self.config.store["tiers"])
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -150,9 +233,14 @@ class LlumnixConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         remote_tokens = _remote_tokens(request)
         if remote_tokens is None:
-            return 0, False
+            return self._store_match(request, num_computed_tokens), False
         count = min(remote_tokens, request.num_prompt_tokens) - num_computed_tokens
-        return (count, True) if count > 0 else (0, False)
+        if count <= 0:
+            return 0, False
+        # pd+store: the leading blocks the store tiers hold are read from them, the rest from
+        # the prefill; the request waits for both.
+        self._store_match(request, num_computed_tokens, limit=count)
+        return count, True
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -160,23 +248,132 @@ class LlumnixConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params
         remote_tokens = _remote_tokens(request)
         if params is None or remote_tokens is None:
+            self._store_after_alloc(request, blocks, num_external_tokens)
             return
         end = min(remote_tokens, request.num_prompt_tokens)
         # num_external_tokens == 0 is a full local prefix hit: load nothing, but still send
         # the read notice so the prefill frees its blocks.
         begin = end - num_external_tokens if num_external_tokens > 0 else end
+        block_ids = list(blocks.get_block_ids()[0])
+        store = None
+        first, num_blocks = self._store_matches.pop(request.request_id, (0, 0))
+        bt = self._block_size
+        num_blocks = min(num_blocks, (end - begin) // bt)
+        if num_external_tokens > 0 and num_blocks > 0 and first * bt == begin:
+            store = StoreLoad(
+                blocks=block_ids[first : first + num_blocks],
+                keys=self._store_keys(request, first, first + num_blocks),
+                tokens=num_blocks * bt,
+            )
+            begin += num_blocks * bt
         self._loads[request.request_id] = LoadSpec(
             handoffs=list(params[HANDOFF_KEY]),
-            local_blocks=list(blocks.get_block_ids()[0]),
+            local_blocks=block_ids,
             tokens=(begin, end),
             notice_only=num_external_tokens == 0,
+            store=store,
         )
         params["do_remote_prefill"] = False
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = LlumnixConnectorMetadata(loads=self._loads, sends=self._sends)
-        self._loads, self._sends = {}, {}
+        meta = LlumnixConnectorMetadata(
+            loads=self._loads,
+            sends=self._sends,
+            store_loads=self._store_loads,
+            store_saves=self._store_saves(scheduler_output),
+        )
+        self._loads, self._sends, self._store_loads = {}, {}, {}
         return meta
+
+    # Store offload, scheduler side.
+
+    def _store_keys(self, request: Request, first: int, end: int) -> list[bytes]:
+        return [self._key_tag + bytes(h) for h in request.block_hashes[first:end]]
+
+    def _store_match(
+        self, request: Request, num_computed_tokens: int, limit: int | None = None
+    ) -> int:
+        """Tokens after ``num_computed_tokens`` the store tiers can fill (whole blocks; at
+        most ``limit`` tokens, else one token short of the request)."""
+        self._store_matches.pop(request.request_id, None)
+        bt = self._block_size
+        if self._stack is None or num_computed_tokens % bt:
+            return 0
+        first = num_computed_tokens // bt
+        end = len(request.block_hashes)
+        if limit is not None:
+            end = min(end, first + limit // bt)
+        num_blocks = self._stack.match(self._store_keys(request, first, end))
+        if limit is not None:
+            tokens = num_blocks * bt
+        else:
+            # The last token is always computed (it yields the next token's logits).
+            tokens = min(num_blocks * bt, request.num_tokens - 1 - num_computed_tokens)
+        if tokens <= 0:
+            return 0
+        self._store_matches[request.request_id] = (first, num_blocks)
+        return tokens
+
+    def _store_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if self._stack is None:
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        self._store_reqs[request.request_id] = _StoreRequest(request, block_ids)
+        first, num_blocks = self._store_matches.pop(request.request_id, (0, 0))
+        if num_external_tokens <= 0 or num_blocks <= 0:
+            return
+        self._store_loads[request.request_id] = StoreLoad(
+            blocks=block_ids[first : first + num_blocks],
+            keys=self._store_keys(request, first, first + num_blocks),
+            tokens=num_external_tokens,
+        )
+
+    def _store_saves(self, scheduler_output: SchedulerOutput) -> dict[str, StoreSave]:
+        """The full prompt blocks this step completes, per request, not saved before."""
+        if self._stack is None:
+            return {}
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._store_reqs.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids, strict=True):
+            state = self._store_reqs.get(req_id)
+            if state is None:
+                continue
+            if req_id in cached.resumed_req_ids:
+                state.block_ids, state.next_save = [], None
+            if new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+        saves = {}
+        bt = self._block_size
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            state = self._store_reqs.get(req_id)
+            if state is None:
+                continue
+            request = state.request
+            computed = request.num_computed_tokens  # before this step
+            if state.next_save is None:
+                state.next_save = computed // bt
+            end = min(
+                (computed + scheduled) // bt,
+                request.num_prompt_tokens // bt,
+                len(request.block_hashes),
+                len(state.block_ids),
+            )
+            if end > state.next_save:
+                saves[req_id] = StoreSave(
+                    blocks=state.block_ids[state.next_save : end],
+                    keys=self._store_keys(request, state.next_save, end),
+                )
+                state.next_save = end
+        return saves
+
+    @property
+    def _block_size(self) -> int:
+        return int(self._vllm_config.cache_config.block_size)
 
     def has_pending_push_work(self) -> bool:
         # Loads and holds not yet shipped to the workers keep the engine stepping: a read
@@ -188,6 +385,9 @@ class LlumnixConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
+        self._store_reqs.pop(request.request_id, None)
+        self._store_matches.pop(request.request_id, None)
+        self._store_loads.pop(request.request_id, None)
         params = request.kv_transfer_params
         if not params:
             return False, None
@@ -254,6 +454,8 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._engine.register_layout(self._layout)
         self._puller = PdPuller(self._engine, self._layout)
         self._ledger = PdSendLedger(self._engine)
+        if self._stack is not None:
+            self._offloader = BlockOffloader(self._layout, self._stack)
         logger.info(
             "registered %d layers, %d blocks of %d tokens as %s",
             self._layout.num_layers,
@@ -272,12 +474,30 @@ class LlumnixConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, LlumnixConnectorMetadata)
+        if self._offloader is not None:
+            for store_load in meta.store_loads.values():
+                # Synchronous: vLLM runs this before the forward of a step with such loads.
+                failed = self._offloader.load(
+                    store_load.blocks,
+                    store_load.keys,
+                    self.config.load_store_timeout_s,
+                    tokens=store_load.tokens,
+                )
+                self._failed_blocks.update(failed)
         if self._puller is None or self._ledger is None:
             return
         now = time.monotonic()
         for request_id, seconds in meta.sends.items():
             self._ledger.hold(request_id, seconds)
         for request_id, spec in meta.loads.items():
+            if spec.store is not None and self._offloader is not None:
+                failed = self._offloader.load(
+                    spec.store.blocks,
+                    spec.store.keys,
+                    self.config.load_store_timeout_s,
+                    tokens=spec.store.tokens,
+                )
+                self._failed_blocks.update(failed)
             handoff = spec.handoffs[self._tp_rank % len(spec.handoffs)]
             job = LoadJob(
                 request_id=request_id,
@@ -303,7 +523,14 @@ class LlumnixConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
-        return
+        if self._offloader is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LlumnixConnectorMetadata)
+        for spec in meta.store_saves.values():
+            # The forward that computed these blocks has run; the request holds them until
+            # the scheduler sees this step's output.
+            self._offloader.save(spec.blocks, spec.keys)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._puller is None or self._ledger is None:
@@ -326,11 +553,20 @@ class LlumnixConnector(KVConnectorBase_V1):
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+        if self._stack is not None:
+            release_stack(self._stack)  # the last user flushes and closes the tiers
+            self._stack, self._offloader = None, None
+
+    def flush_store(self, timeout: float) -> bool:
+        """Waits until every save to the store tiers finished (or ``timeout``); True when
+        none is left (also without a store)."""
+        return self._stack.flush(timeout) if self._stack is not None else True
 
     def counters(self) -> dict[str, int]:
         """Worker-side totals since start (loads, tokens loaded, holds released)."""
         puller, ledger = self._puller, self._ledger
-        return {
+        store = self._offloader.stats() if self._offloader is not None else {}
+        return store | {
             "loads_done": puller.loads_done if puller else 0,
             "loads_failed": puller.loads_failed if puller else 0,
             "tokens_loaded": puller.tokens_loaded if puller else 0,
@@ -356,6 +592,15 @@ def _remote_tokens(request: Request) -> int | None:
     if not handoffs:
         return None
     return handoffs[0].num_tokens
+
+
+def _default_namespace(vllm_config: VllmConfig) -> str:
+    """Model, dtypes, block size and tensor-parallel size: what makes chunks comparable."""
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    return (
+        f"{model.model}|{model.dtype}|{cache.cache_dtype}|bs{cache.block_size}"
+        f"|tp{vllm_config.parallel_config.tensor_parallel_size}"
+    )
 
 
 def _tp_rank() -> int:
