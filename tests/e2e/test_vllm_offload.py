@@ -36,8 +36,9 @@ from llumnix_kv.connector.offload import (
 from llumnix_kv.errors import InvalidArgumentError
 from llumnix_kv.layout import vllm_cpu
 from llumnix_kv.store import create_tier
-from tests.e2e.offload_engine import REDIS_SERVER, OffloadEngineProcess, RedisProcess
+from tests.e2e.offload_engine import OffloadEngineProcess
 from tests.e2e.vllm_engine import connector_config, write_model
+from tests.redis_server import REDIS_SERVER, RedisProcess
 
 try:
     import vllm  # noqa: F401

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-REDIS_SERVER = shutil.which("redis-server")
+from tests.redis_server import REDIS_SERVER, RedisProcess
+
 STARTUP_DEADLINE_S = 10.0
 
 
@@ -25,63 +21,15 @@ def keys_for(prefix: str, n: int) -> list[bytes]:
     return [f"{prefix}-{i}".encode() for i in range(n)]
 
 
-@dataclass
-class RedisServer:
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5.0)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+RedisServer = RedisProcess
 
 
 def start_redis() -> RedisServer:
-    """Start redis-server on a free loopback port, without persistence; wait for PING."""
+    """A real redis-server on a free loopback port (skips without redis-server or the client)."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    redis = pytest.importorskip("redis", reason="the redis client is not installed")
-    port = _free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [REDIS_SERVER, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = RedisServer(port, proc)
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}")
-            try:
-                if client.ping():
-                    return server
-            except redis.exceptions.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis-server did not answer PING in {STARTUP_DEADLINE_S} s")
-            time.sleep(0.05)
-    except BaseException:
-        server.stop()
-        raise
-    finally:
-        client.close()
+    pytest.importorskip("redis", reason="the redis client is not installed")
+    return RedisProcess(STARTUP_DEADLINE_S)
 
 
 @pytest.fixture(scope="module")
