@@ -45,11 +45,6 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rates", type=_floats, help="comma-separated req/s (default: the paper's)")
     p.add_argument(
-        "--load-equivalent",
-        action="store_true",
-        help="default rates: the paper's sweeps moved to the same relative load on this profile",
-    )
-    p.add_argument(
         "--rate-scale",
         type=float,
         default=1.0,
@@ -93,7 +88,6 @@ def build_spec(args: argparse.Namespace) -> experiments.ExperimentSpec:
         traces=traces,
         rates={t: args.rates for t in traces} if args.rates else {},
         rate_scale=args.rate_scale,
-        load_equivalent=args.load_equivalent,
         policies=policies,
         num_requests=args.num_requests,
         num_instances=args.instances,

@@ -5,7 +5,7 @@ JSON and PNG plots under ``--out``, and a ``SUMMARY.md`` with every claim (paper
 to ours) and the exact command that reproduces it.
 
     PYTHONPATH=. python benchmarks/scheduler/run_experiments.py [--out results/scheduler]
-        [--only serving-equivalent,priority] [--workers 2] [--num-requests 10000]
+        [--only serving,priority] [--workers 2] [--num-requests 10000]
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from llumnix.cli import main as llumnix_main
 TRACES = "L-L,M-M,S-S,sharegpt,burstgpt"
 
 FAMILIES: dict[str, list[str]] = {
-    # the paper's absolute rates (Figure 10)
-    "serving-paper": ["--family", "serving", "--traces", TRACES],
-    # the same sweeps at the same relative load on the default profile
-    "serving-equivalent": ["--family", "serving", "--traces", TRACES, "--load-equivalent"],
-    # Figure 13: Gamma arrivals (CV 2), 10% high-priority requests
+    # Figure 10: the paper's traces at the paper's request rates
+    "serving": ["--family", "serving", "--traces", TRACES],
+    # Figure 13: Gamma arrivals (CV 2), 10% high-priority requests, M-M at the paper's M-M rates
     "priority": [
-        "--family", "priority", "--traces", "M-M", "--rates", "8,9,10", "--cv", "2",
+        "--family", "priority", "--traces", "M-M", "--rates", "7.4,7.6,7.8,8.0", "--cv", "2",
         "--high-priority", "0.1", "--policies", "infaas++,llumnix-base,llumnix",
     ],
     # Figure 14: cost vs P99 prefill over a sweep of scaling bands (each policy on its own

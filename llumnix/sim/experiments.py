@@ -121,19 +121,9 @@ SERVING_RATES: dict[str, list[float]] = {
     "sharegpt": [7.0, 7.5, 8.0],
     "burstgpt": [7.5, 8.0, 8.5],
 }
-"""The paper's request rates (req/s on 16 instances, Figure 10)."""
+"""The paper's request rates (req/s on 16 instances, Figure 10). On the default profile they
+sit at the edge of saturation, as in the paper (see ``profiles/llama7b_a10.json``)."""
 
-LOAD_EQUIVALENT_RATES: dict[str, list[float]] = {
-    "L-L": [3.6, 3.7, 3.8, 3.9],
-    "M-M": [9.8, 10.0, 10.2, 10.4],
-    "S-S": [38.0, 40.0, 42.0, 44.0],
-    "sharegpt": [11.5, 12.0, 12.25, 12.5],
-    "burstgpt": [11.25, 11.5, 11.75, 12.0],
-}
-"""The paper's sweeps moved to the same *relative* load on the default profile: its last
-points sit where INFaaS++ starts to queue, as the paper's do. The simulated A10 serves
-1.15x (S-S) to 1.6x (ShareGPT) the paper's rates before saturating: at the paper's absolute
-rates every policy sits at the latency floor (see ``benchmarks/scheduler/README.md``)."""
 AUTOSCALE_BANDS: list[tuple[float, float]] = [
     (5, 50),
     (10, 60),
@@ -174,9 +164,7 @@ class ExperimentSpec:
     traces: list[str] = field(default_factory=lambda: ["M-M"])
     """Length distributions (``serving``) or the one trace of the other families."""
     rates: dict[str, list[float]] = field(default_factory=dict)
-    """Rates per trace; defaults to ``SERVING_RATES`` (or ``LOAD_EQUIVALENT_RATES``)."""
-    load_equivalent: bool = False
-    """Default to ``LOAD_EQUIVALENT_RATES`` instead of the paper's absolute rates."""
+    """Rates per trace; defaults to ``SERVING_RATES``."""
     rate_scale: float = 1.0
     """Multiply every rate (calibrate load to a different engine profile)."""
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
@@ -200,8 +188,7 @@ class ExperimentSpec:
 def _rates(spec: ExperimentSpec, trace_name: str) -> list[float]:
     if spec.trace_file is not None:
         return [0.0]
-    table = LOAD_EQUIVALENT_RATES if spec.load_equivalent else SERVING_RATES
-    return spec.rates.get(trace_name) or table.get(trace_name) or [1.0]
+    return spec.rates.get(trace_name) or SERVING_RATES.get(trace_name) or [1.0]
 
 
 def expand(spec: ExperimentSpec) -> Iterator[tuple[Run, SimConfig, list[TraceRequest]]]:

@@ -1,7 +1,8 @@
 """Engine profiles: KV capacity, step-latency model and migration costs of one instance.
 
 A profile is a JSON file whose keys are the fields of :class:`EngineProfile` plus ``name`` and
-``source`` (where the numbers come from). The shipped default, ``profiles/llama7b_a10.json``,
+``source`` (where the numbers come from); a missing key takes the field's default (the
+shipped default profile's value). The shipped default, ``profiles/llama7b_a10.json``,
 documents its derivation.
 
 Step latency (milliseconds), fitted per step kind:
@@ -50,9 +51,9 @@ class EngineProfile:
     """Cost per squared sequence length (attention)."""
     decode_base_ms: float = 28.0
     """Fixed cost of a decode step (weight reads)."""
-    decode_per_seq_ms: float = 0.05
+    decode_per_seq_ms: float = 0.9
     """Cost per sequence in the decode batch."""
-    decode_per_token_ms: float = 0.00175
+    decode_per_token_ms: float = 0.0025
     """Cost per token of KV read by a decode step."""
     migration_bandwidth_bytes_per_s: float = 8.0e9
     """Effective KV copy bandwidth between instances."""

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from llumnix.sim.experiments import ExperimentSpec, Run, count_requests, expand
+from llumnix.sim.experiments import SERVING_RATES, ExperimentSpec, Run, count_requests, expand
 from llumnix.sim.metrics import LatencyStats, SimResult
 from llumnix.sim.report import autoscale_claims, cost_at, serving_claims, table
 
@@ -68,3 +68,12 @@ def test_spec_expansion_counts_every_run():
         assert cfg.rescheduler is not None and cfg.rescheduler.autoscale is not None
         want = "kv_free_fraction" if policy == "infaas++" else "freeness"
         assert cfg.rescheduler.autoscale.metric == want
+
+
+def test_serving_family_defaults_to_the_papers_rates():
+    spec = ExperimentSpec(traces=["M-M", "sharegpt"], policies=["llumnix"], num_requests=10)
+    rates = [(run.trace, run.rate) for run, _, _ in expand(spec)]
+    assert rates == [("M-M", r) for r in SERVING_RATES["M-M"]] + [
+        ("sharegpt", r) for r in SERVING_RATES["sharegpt"]
+    ]
+    assert SERVING_RATES["M-M"] == [7.4, 7.6, 7.8, 8.0]  # Figure 10

@@ -32,6 +32,49 @@ def test_default_profile_matches_paper_capacity():
     assert p.decode_s(1, 100) < p.decode_s(32, 8000)
 
 
+def test_default_decode_step_grows_with_batch_and_context():
+    """vLLM-2023 model: a decode step costs weight reads plus per-sequence work plus KV reads,
+    so a request decoding alone is much faster than one sharing a loaded instance."""
+    p = load_profile()
+    lone = p.decode_s(1, 500)
+    assert p.decode_s(20, 500) > 1.5 * lone  # per-sequence work, same KV
+    assert p.decode_s(1, 12_000) > 1.5 * lone  # KV reads, same batch
+    assert p.decode_s(20, 12_000) > 2.4 * lone  # a loaded step (the priority claim's room)
+    assert p.decode_s(1, 0) > 0.9 * p.decode_base_ms * 1e-3  # weight reads dominate alone
+
+
+def test_lone_request_decodes_faster_than_in_a_loaded_batch():
+    p = load_profile()
+    alone = SimInstance("a", p)
+    r = req("r", 500, 50)
+    alone.enqueue(r)
+    run_until_idle(alone)
+    loaded = SimInstance("b", p)
+    s = req("s", 500, 50)
+    for k in range(19):
+        loaded.enqueue(req(f"o{k}", 500, 400))
+    loaded.enqueue(s)
+    now = 0.0
+    while s.state is not ReqState.FINISHED:
+        now += loaded.start_step(now) or 0.0
+        loaded.finish_step(now)
+    assert r.finish_s is not None and r.first_token_s is not None
+    assert s.finish_s is not None and s.first_token_s is not None
+    per_token_alone = (r.finish_s - r.first_token_s) / 49
+    per_token_loaded = (s.finish_s - s.first_token_s) / 49
+    assert per_token_loaded > 1.4 * per_token_alone
+
+
+def test_partial_profile_file_takes_the_shipped_values(tmp_path):
+    shipped = load_profile()
+    path = tmp_path / "p.json"
+    path.write_text('{"name": "mine", "num_blocks": 500}')
+    mine = load_profile(path)
+    assert mine.num_blocks == 500
+    same = dataclasses.replace(mine, name=shipped.name, num_blocks=shipped.num_blocks)
+    assert same == shipped
+
+
 def test_profile_file_round_trip(tmp_path):
     path = tmp_path / "p.json"
     path.write_text('{"name": "x", "num_blocks": 100, "decode_base_ms": 10.0}')
