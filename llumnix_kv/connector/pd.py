@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from llumnix_kv._C import KvLayout
-from llumnix_kv.connector.handoff import PdHandoff
 from llumnix_kv.connector.jobs import JobState, LoadJob, SendHold
+from llumnix_kv.connector.peers import PeerPool
 from llumnix_kv.copy import plan_copy
 from llumnix_kv.errors import KvError, PeerLostError
-from llumnix_kv.transfer import Op, Peer, TransferEngine
+from llumnix_kv.transfer import Op, TransferEngine
 
 __all__ = ["LoadOutcome", "PdPuller", "PdSendLedger", "parse_read_notice", "read_notice"]
 
@@ -63,28 +63,37 @@ class PdPuller:
     """Decode side: runs :class:`LoadJob` READs from prefill peers into the local cache.
 
     One per worker process, next to its :class:`TransferEngine` (which holds the local
-    layout's memory registered). Peers are connected on first use and kept by engine name;
-    a peer that is lost is dropped, so a later hand-off from it reconnects.
+    layout's memory registered). Peers come from a :class:`PeerPool` (connected on a
+    background thread, kept by engine name); a peer that is lost is dropped, so a later
+    hand-off from it reconnects.
     """
 
-    def __init__(self, engine: TransferEngine, local: KvLayout) -> None:
+    def __init__(self, engine: TransferEngine, local: KvLayout, peers: PeerPool) -> None:
         self._engine = engine
         self._local = local
-        self._peers: dict[str, Peer] = {}
+        self._peers = peers
         self._jobs: dict[str, LoadJob] = {}
         self.tokens_loaded = 0
         self.loads_done = 0
         self.loads_failed = 0
+        self.bytes_loaded = 0
+        self.durations: list[tuple[float, int]] = []  # (seconds, bytes) of loads since taken
 
     @property
     def pending(self) -> int:
         return len(self._jobs)
 
     def start(self, job: LoadJob) -> None:
-        """Submits the job's READ (or, for an empty token range, only the read notice)."""
+        """Queues the job; its READ (or, for an empty token range, only the read notice) is
+        submitted as soon as the peer is connected (this call, or a later :meth:`poll`)."""
         self._jobs[job.request_id] = job
+        self._submit(job)
+
+    def _submit(self, job: LoadJob) -> None:
         try:
-            peer = self._peer(job.handoff)
+            peer = self._peers.get(job.handoff.engine_name, job.handoff.descriptor)
+            if peer is None:
+                return  # still connecting
             notice = read_notice(job.handoff.request_id)
             timeout = max(job.deadline - time.monotonic(), 1e-3)
             begin, end = job.tokens
@@ -110,6 +119,11 @@ class PdPuller:
         now = time.monotonic()
         out = []
         for job in list(self._jobs.values()):
+            if job.state == JobState.PENDING:
+                if now > job.deadline:
+                    job.state, job.error = JobState.FAILED, "deadline passed while connecting"
+                else:
+                    self._submit(job)
             if job.state == JobState.RUNNING and job.batch is not None:
                 try:
                     if job.batch.poll():
@@ -123,21 +137,10 @@ class PdPuller:
                 out.append(self._finish(job))
         return out
 
-    def _peer(self, handoff: PdHandoff) -> Peer:
-        peer = self._peers.get(handoff.engine_name)
-        if peer is None:
-            peer = self._engine.add_peer(handoff.descriptor)
-            self._peers[handoff.engine_name] = peer
-            logger.info("connected to %s over %s", peer.name, peer.transport)
-        return peer
-
     def _fail(self, job: LoadJob, exc: Exception) -> None:
         job.state, job.error = JobState.FAILED, f"{type(exc).__name__}: {exc}"
         if isinstance(exc, PeerLostError):
-            peer = self._peers.pop(job.handoff.engine_name, None)
-            if peer is not None:
-                with contextlib.suppress(KvError):
-                    self._engine.remove_peer(peer)
+            self._peers.drop(job.handoff.engine_name)
 
     def _finish(self, job: LoadJob) -> LoadOutcome:
         del self._jobs[job.request_id]
@@ -148,6 +151,10 @@ class PdPuller:
             self.loads_done += 1
             n = max(job.tokens[1] - job.tokens[0], 0)
             self.tokens_loaded += n
+            if n:
+                nbytes = job.batch.nbytes if job.batch is not None else 0
+                self.bytes_loaded += nbytes
+                self.durations.append((time.monotonic() - job.started, nbytes))
             return LoadOutcome(job.request_id, True, n, ())
         self.loads_failed += 1
         logger.warning("load of %s failed: %s", job.request_id, job.error)
@@ -162,8 +169,7 @@ class PdSendLedger:
     (the peer read between two engine steps) is kept for ``notice_ttl`` seconds.
     """
 
-    def __init__(self, engine: TransferEngine, *, notice_ttl: float = 600.0) -> None:
-        self._engine = engine
+    def __init__(self, *, notice_ttl: float = 600.0) -> None:
         self._holds: dict[str, SendHold] = {}
         self._early: dict[str, float] = {}  # request id -> monotonic time its notice came
         self._notice_ttl = notice_ttl
@@ -177,13 +183,18 @@ class PdSendLedger:
     def hold(self, request_id: str, timeout: float) -> None:
         self._holds[request_id] = SendHold(request_id, time.monotonic() + timeout)
 
+    def accept(self, message: bytes) -> bool:
+        """Takes a read notice (True); any other message is left to others (False)."""
+        request_id = parse_read_notice(message)
+        if request_id is None:
+            return False
+        self._early[request_id] = time.monotonic()
+        return True
+
     def poll(self) -> list[str]:
-        """Requests whose blocks may be freed now: read by the peer, or past the deadline."""
+        """Requests whose blocks may be freed now: read by the peer, or past the deadline.
+        Read notices reach the ledger through :meth:`accept`."""
         now = time.monotonic()
-        for note in self._engine.notifications():
-            request_id = parse_read_notice(note.message)
-            if request_id is not None:
-                self._early[request_id] = now
         released = []
         for request_id, held in list(self._holds.items()):
             if self._early.pop(request_id, None) is not None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import inspect
 import random
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ try:
 except Exception as exc:  # a broken install raises more than ImportError
     pytest.skip(f"vllm is not importable: {exc}", allow_module_level=True)
 
+from tests.e2e.offload_engine import OffloadEngineProcess
 from tests.e2e.vllm_engine import EngineProcess, connector_config, write_model
 
 MAX_TOKENS = 8
@@ -53,7 +56,10 @@ def engines(model: Path) -> Iterator[dict[str, EngineProcess]]:
     started: dict[str, EngineProcess] = {}
     try:
         for name, (block_size, kv) in specs.items():
-            started[name] = EngineProcess(model, block_size=block_size, kv_transfer_config=kv)
+            # OffloadEngineProcess: also digests the KV it caches.
+            started[name] = OffloadEngineProcess(
+                model, block_size=block_size, kv_transfer_config=kv
+            )
         for proc in started.values():
             proc.ready()
         yield started
@@ -169,6 +175,146 @@ def test_prefill_killed_decode_recomputes(model: Path, engines: dict[str, Engine
     assert drained["free_blocks"] == drained["total_blocks"]
 
 
+def probe(p: EngineProcess) -> list[dict[str, Any]]:
+    """The prefill's push endpoints (what a proxy asks a prefill instance once)."""
+    (out,) = p.call("generate", [[3, 4, 5]], 1, [{"llumnix_probe": True}])
+    endpoints = out["kv_transfer_params"]["llumnix_endpoint"]
+    assert endpoints and all(e["engine_name"] and e["descriptor"] for e in endpoints)
+    return endpoints
+
+
+def push_params(endpoints: list[dict[str, Any]], n: int) -> tuple[list[dict], list[dict]]:
+    """(prefill params, decode params) of ``n`` push-mode requests."""
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    p_params = [{"do_remote_decode": True, "llumnix_push": {"transfer_id": t}} for t in ids]
+    d_params = [
+        {"do_remote_prefill": True, "llumnix_push": {"transfer_id": t, "prefill": endpoints}}
+        for t in ids
+    ]
+    return p_params, d_params
+
+
+def run_push(
+    p: EngineProcess, d: EngineProcess, batch: list[list[int]], d_lead_s: float = 1.0
+) -> list[dict[str, Any]]:
+    """Sends the batch to the decode, then (``d_lead_s`` later, so the decode's readies
+    are waiting) to the prefill; returns the decode's outputs."""
+    p_params, d_params = push_params(probe(p), len(batch))
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(d.call, "generate", batch, MAX_TOKENS, d_params, timeout=DEADLINE_S)
+        time.sleep(d_lead_s)
+        p.call("generate", batch, 1, p_params, timeout=DEADLINE_S)
+        # LLM.generate stops stepping when its requests finish; a server's engine loop keeps
+        # stepping while finished requests hold blocks, which drain does here.
+        p.call("drain", DEADLINE_S, timeout=DEADLINE_S + 10)
+        return fut.result(timeout=DEADLINE_S + 10)
+
+
+def check_push(engines: dict[str, EngineProcess], decode: str, seed: int) -> None:
+    p, d, ref = engines["p32"], engines[decode], engines["ref"]
+    batch = prompts(seed)
+    want = [o["token_ids"] for o in ref.call("generate", batch, MAX_TOKENS, None)]
+    d_before, p_before = d.call("counters"), p.call("counters")
+    outs = run_push(p, d, batch)
+    assert [o["token_ids"] for o in outs] == want
+    d_after = d.call("drain", DEADLINE_S)
+    assert d_after["tokens_loaded"] - d_before["tokens_loaded"] == sum(PROMPT_LENGTHS)
+    assert d_after["loads_failed"] == d_before["loads_failed"]
+    for prompt, out in zip(batch, outs, strict=True):
+        assert out["num_cached_tokens"] >= len(prompt) - 1
+    assert d_after["requests"] == 0 and d_after["free_blocks"] == d_after["total_blocks"]
+    if decode == "d32":
+        # The decode's cache holds the prefill's KV, byte for byte (outputs of the dummy
+        # model alone would not show it), for every full block before the last prompt token
+        # (the decode computes that one itself).
+        for prompt in batch:
+            full = (len(prompt) - 1) // 32
+            want_kv = p.call("kv_digests", prompt, 32)[:full]
+            assert None not in want_kv
+            assert d.call("kv_digests", prompt, 32)[:full] == want_kv
+    p_after = p.call("drain", DEADLINE_S)
+    assert p_after["pushes_done"] - p_before["pushes_done"] == len(batch)
+    assert p_after["pushes_failed"] == p_before["pushes_failed"]
+    # The readies were waiting, so the KV went out layer by layer during the prefill's forward.
+    assert p_after["push_layer_batches"] > p_before["push_layer_batches"]
+    assert p_after["holds_expired"] == p_before["holds_expired"]
+    assert p_after["requests"] == 0 and p_after["free_blocks"] == p_after["total_blocks"]
+
+
+def test_push_matches_single_engine(engines: dict[str, EngineProcess]) -> None:
+    check_push(engines, "d32", seed=5)
+
+
+def test_push_heterogeneous_block_sizes(engines: dict[str, EngineProcess]) -> None:
+    check_push(engines, "d64", seed=6)
+
+
+def test_connector_stats_reach_vllm_metrics(engines: dict[str, EngineProcess]) -> None:
+    """The connector's transfer stats go through vLLM's get_kv_connector_stats pipeline into
+    its Prometheus metrics: loads on the decode, pushes on the prefill."""
+    p, d = engines["p32"], engines["d32"]
+    d_before = d.call("metrics", "vllm:llumnix_kv_")
+    p_before = p.call("metrics", "vllm:llumnix_kv_")
+    batch = prompts(7)[:3]
+    run_push(p, d, batch)
+    d.call("drain", DEADLINE_S)
+    p.call("drain", DEADLINE_S)
+    d_after = d.call("metrics", "vllm:llumnix_kv_")
+    p_after = p.call("metrics", "vllm:llumnix_kv_")
+
+    def delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta(d_after, d_before, "vllm:llumnix_kv_load_transfers") == len(batch)
+    assert delta(d_after, d_before, "vllm:llumnix_kv_load_bytes") > 0
+    assert delta(d_after, d_before, "vllm:llumnix_kv_load_seconds") == len(batch)
+    assert delta(p_after, p_before, "vllm:llumnix_kv_push_transfers") == len(batch)
+    pushed = delta(p_after, p_before, "vllm:llumnix_kv_push_bytes")
+    assert pushed == delta(d_after, d_before, "vllm:llumnix_kv_load_bytes")
+    assert delta(d_after, d_before, "vllm:llumnix_kv_failed_loads") == 0
+
+
+def test_push_prefill_killed_decode_recomputes(
+    model: Path, engines: dict[str, EngineProcess]
+) -> None:
+    """Push mode, the prefill process dies before computing: the decode's wait ends at its
+    deadline and the decode engine recomputes (kv_load_failure_policy="recompute")."""
+    d, ref = engines["d64"], engines["ref"]
+    batch = prompts(8)[:2]
+    want = [o["token_ids"] for o in ref.call("generate", batch, MAX_TOKENS, None)]
+    with EngineProcess(
+        model, block_size=32, kv_transfer_config=connector_config("kv_producer")
+    ) as doomed:
+        _, d_params = push_params(probe(doomed), len(batch))
+        doomed.kill()
+    before = d.call("counters")
+    t0 = time.monotonic()
+    outs = d.call("generate", batch, MAX_TOKENS, d_params, timeout=DEADLINE_S)
+    assert time.monotonic() - t0 < DEADLINE_S
+    assert [o["token_ids"] for o in outs] == want
+    after = d.call("drain", DEADLINE_S)
+    assert after["loads_failed"] - before["loads_failed"] == len(batch)
+    assert after["free_blocks"] == after["total_blocks"]
+
+
+def test_push_decode_abort_before_alloc_frees_prefill(engines: dict[str, EngineProcess]) -> None:
+    """A decode request aborted before it was scheduled tells the prefill at once: the
+    prefill frees the blocks it held for the push without waiting for its deadline."""
+    p, d = engines["p32"], engines["d32"]
+    prompt = prompts(9)[2]
+    p_params, d_params = push_params(probe(p), 1)
+    before = p.call("counters")
+    p.call("generate", [prompt], 1, p_params)
+    assert p.call("counters")["holds_pending"] == before["holds_pending"] + 1
+    d.call("start_and_abort", prompt, d_params[0], 0)
+    d_after = d.call("drain", DEADLINE_S)  # the abort notice goes out in the next step
+    assert d_after["free_blocks"] == d_after["total_blocks"]
+    p_after = p.call("drain", DEADLINE_S)
+    assert p_after["holds_pending"] == before["holds_pending"]
+    assert p_after["holds_expired"] == before["holds_expired"]
+    assert p_after["free_blocks"] == p_after["total_blocks"]
+
+
 # Parameter names and kinds of KVConnectorBase_V1's abstract methods and of the optional
 # hooks LlumnixConnector overrides, as of vLLM 0.32.0.
 BASE_API = {
@@ -187,6 +333,7 @@ BASE_API = {
     "get_block_ids_with_load_errors": ("self",),
     "request_finished": ("self", "request", "block_ids"),
     "shutdown": ("self",),
+    "get_kv_connector_stats": ("self",),
 }
 ABSTRACT = {
     "build_connector_meta",

@@ -147,6 +147,15 @@ class _Handlers:
             time.sleep(0.005)
         return self.counters()
 
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Counters and histogram counts of vLLM's metrics whose name starts with ``prefix``."""
+        out: dict[str, float] = {}
+        for m in self.llm.get_metrics():
+            if m.name.startswith(prefix):
+                value = getattr(m, "value", None)
+                out[m.name] = float(value if value is not None else getattr(m, "count", 0))
+        return out
+
     def counters(self) -> dict[str, Any]:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

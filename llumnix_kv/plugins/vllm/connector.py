@@ -37,9 +37,13 @@ from llumnix_kv.connector.offload import (
     namespace_tag,
     release_stack,
 )
+from llumnix_kv.connector.pd import read_notice
+from llumnix_kv.connector.peers import NoticeReader, PeerPool
+from llumnix_kv.connector.push import PdPusher, PdPushReceiver, PushEndpoint, abort_notice
 from llumnix_kv.errors import KvError, UnsupportedError
 from llumnix_kv.layout import layout_to_dict, vllm_cpu
 from llumnix_kv.plugins.vllm.config import LlumnixConnectorConfig
+from llumnix_kv.plugins.vllm.stats import LlumnixKVConnectorStats, LlumnixPromMetrics
 from llumnix_kv.transfer import TransferEngine
 
 if TYPE_CHECKING:
@@ -62,8 +66,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Key of the hand-offs (one per prefill tensor-parallel rank) in kv_transfer_params.
+# Keys of kv_transfer_params. Pull mode: the hand-offs (one per prefill tensor-parallel rank)
+# a prefill returns. Push mode: {"transfer_id": ...} on the prefill request, plus "prefill":
+# the prefill's endpoints on the decode request. A probe request returns the endpoints.
 HANDOFF_KEY = "llumnix_handoff"
+PUSH_KEY = "llumnix_push"
+PROBE_KEY = "llumnix_probe"
+ENDPOINT_KEY = "llumnix_endpoint"
 
 
 @dataclass
@@ -87,6 +96,18 @@ class LoadSpec:
     notice_only: bool = False
     # Blocks before ``tokens[0]`` read from the store tiers first (pd+store), or None.
     store: StoreLoad | None = None
+    # Push mode: the request's PUSH_KEY params (transfer id, prefill endpoints); the
+    # prefill writes the tokens and ``handoffs`` is empty.
+    push: dict[str, Any] | None = None
+
+
+@dataclass
+class PushStep:
+    """Prefill side, push mode: a request this step computes tokens of."""
+
+    transfer_id: str
+    block_ids: list[int]
+    computed: int  # tokens whose KV exists after this step
 
 
 @dataclass
@@ -116,15 +137,21 @@ class LlumnixConnectorMetadata(KVConnectorMetadata):
     sends: dict[str, float] = field(default_factory=dict)  # request id -> hold seconds
     store_loads: dict[str, StoreLoad] = field(default_factory=dict)  # request id -> load
     store_saves: dict[str, StoreSave] = field(default_factory=dict)  # request id -> save
+    push_steps: dict[str, PushStep] = field(default_factory=dict)  # request id -> step
+    # Pushed requests that finished here: request id -> (hold seconds, finished normally).
+    push_finished: dict[str, tuple[float, bool]] = field(default_factory=dict)
 
 
 @dataclass
-class _StoreRequest:
-    """Scheduler-side offload state of one request."""
+class _Tracked:
+    """Scheduler-side state of a request whose blocks the connector follows (store offload
+    saves, push mode)."""
 
     request: Request
     block_ids: list[int]
     next_save: int | None = None  # first block not yet saved; None: set on the next step
+    transfer_id: str | None = None  # push mode: the request is pushed to a decode
+    preempted: bool = False
 
 
 class LlumnixConnector(KVConnectorBase_V1):
@@ -195,18 +222,25 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._handshakes: dict[int, LlumnixHandshake] = {}
         self._loads: dict[str, LoadSpec] = {}
         self._sends: dict[str, float] = {}
+        self._push_finished: dict[str, tuple[float, bool]] = {}
+        self._tracked: dict[str, _Tracked] = {}
         # Worker side.
         self._engine: TransferEngine | None = None
         self._layout: KvLayout | None = None
+        self._layer_index: dict[str, int] = {}
+        self._peers: PeerPool | None = None
+        self._notices: NoticeReader | None = None
         self._puller: PdPuller | None = None
         self._ledger: PdSendLedger | None = None
+        self._pusher: PdPusher | None = None
+        self._receiver: PdPushReceiver | None = None
+        self._stats = LlumnixKVConnectorStats()
+        self._reported: dict[str, int] = {}  # event totals already in returned stats
         self._failed_blocks: set[int] = set()
-        self._notice_only: set[str] = set()  # loads whose end vLLM does not wait for
         self._tp_rank = 0
         # Store offload (both sides; one stack per tier list per process).
         self._stack: StoreStack | None = None
         self._key_tag = b""
-        self._store_reqs: dict[str, _StoreRequest] = {}
         self._store_matches: dict[str, tuple[int, int]] = {}  # id -> (first block, blocks)
         self._store_loads: dict[str, StoreLoad] = {}
         self._offloader: BlockOffloader | None = None
@@ -248,6 +282,7 @@ class LlumnixConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params
         remote_tokens = _remote_tokens(request)
         if params is None or remote_tokens is None:
+            self._track(request, blocks)
             self._store_after_alloc(request, blocks, num_external_tokens)
             return
         end = min(remote_tokens, request.num_prompt_tokens)
@@ -267,23 +302,69 @@ class LlumnixConnector(KVConnectorBase_V1):
             )
             begin += num_blocks * bt
         self._loads[request.request_id] = LoadSpec(
-            handoffs=list(params[HANDOFF_KEY]),
+            handoffs=list(params.get(HANDOFF_KEY, [])),
             local_blocks=block_ids,
             tokens=(begin, end),
             notice_only=num_external_tokens == 0,
             store=store,
+            push=params.get(PUSH_KEY),
         )
         params["do_remote_prefill"] = False
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        self._update_tracked(scheduler_output)
         meta = LlumnixConnectorMetadata(
             loads=self._loads,
             sends=self._sends,
             store_loads=self._store_loads,
             store_saves=self._store_saves(scheduler_output),
+            push_steps=self._push_steps(scheduler_output),
+            push_finished=self._push_finished,
         )
-        self._loads, self._sends, self._store_loads = {}, {}, {}
+        self._loads, self._sends, self._store_loads, self._push_finished = {}, {}, {}, {}
         return meta
+
+    def _track(self, request: Request, blocks: KVCacheBlocks) -> None:
+        """Follows the block table of a request whose blocks are saved to the store tiers or
+        pushed to a decode instance."""
+        params = request.kv_transfer_params or {}
+        push = params.get(PUSH_KEY) if params.get("do_remote_decode") else None
+        transfer_id = str(push["transfer_id"]) if isinstance(push, dict) else None
+        if self._stack is None and transfer_id is None:
+            return
+        self._tracked[request.request_id] = _Tracked(
+            request, list(blocks.get_block_ids()[0]), transfer_id=transfer_id
+        )
+
+    def _update_tracked(self, scheduler_output: SchedulerOutput) -> None:
+        """Block tables of tracked requests after this step's allocations."""
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._tracked.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids, strict=True):
+            state = self._tracked.get(req_id)
+            if state is None:
+                continue
+            if req_id in cached.resumed_req_ids:
+                # Preempted and rescheduled: its blocks were freed and refilled.
+                state.block_ids, state.next_save, state.preempted = [], None, True
+            if new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+
+    def _push_steps(self, scheduler_output: SchedulerOutput) -> dict[str, PushStep]:
+        """Pushed requests this step computes tokens of. A request preempted here is not
+        pushed further (the decode has parts of its KV from freed blocks): its push fails."""
+        steps = {}
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            state = self._tracked.get(req_id)
+            if state is None or state.transfer_id is None or state.preempted:
+                continue
+            request = state.request
+            computed = min(request.num_computed_tokens + scheduled, request.num_prompt_tokens)
+            steps[req_id] = PushStep(state.transfer_id, list(state.block_ids), computed)
+        return steps
 
     # Store offload, scheduler side.
 
@@ -320,7 +401,6 @@ class LlumnixConnector(KVConnectorBase_V1):
         if self._stack is None:
             return
         block_ids = list(blocks.get_block_ids()[0])
-        self._store_reqs[request.request_id] = _StoreRequest(request, block_ids)
         first, num_blocks = self._store_matches.pop(request.request_id, (0, 0))
         if num_external_tokens <= 0 or num_blocks <= 0:
             return
@@ -334,23 +414,10 @@ class LlumnixConnector(KVConnectorBase_V1):
         """The full prompt blocks this step completes, per request, not saved before."""
         if self._stack is None:
             return {}
-        for new in scheduler_output.scheduled_new_reqs:
-            state = self._store_reqs.get(new.req_id)
-            if state is not None:
-                state.block_ids = list(new.block_ids[0])
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids, strict=True):
-            state = self._store_reqs.get(req_id)
-            if state is None:
-                continue
-            if req_id in cached.resumed_req_ids:
-                state.block_ids, state.next_save = [], None
-            if new_ids is not None:
-                state.block_ids.extend(new_ids[0])
         saves = {}
         bt = self._block_size
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
-            state = self._store_reqs.get(req_id)
+            state = self._tracked.get(req_id)
             if state is None:
                 continue
             request = state.request
@@ -378,32 +445,46 @@ class LlumnixConnector(KVConnectorBase_V1):
     def has_pending_push_work(self) -> bool:
         # Loads and holds not yet shipped to the workers keep the engine stepping: a read
         # notice for a request aborted before it was scheduled must still reach the prefill.
-        return bool(self._loads or self._sends)
+        return bool(self._loads or self._sends or self._push_finished)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
-        self._store_reqs.pop(request.request_id, None)
+        tracked = self._tracked.pop(request.request_id, None)
         self._store_matches.pop(request.request_id, None)
         self._store_loads.pop(request.request_id, None)
         params = request.kv_transfer_params
         if not params:
             return False, None
+        if params.get(PROBE_KEY):
+            return False, {ENDPOINT_KEY: self._endpoints()}
         if _remote_tokens(request) is not None:
             # Finished (aborted) before its blocks were allocated: release the prefill's.
             self._loads[request.request_id] = LoadSpec(
-                list(params[HANDOFF_KEY]), [], (0, 0), notice_only=True
+                list(params.get(HANDOFF_KEY, [])),
+                [],
+                (0, 0),
+                notice_only=True,
+                push=params.get(PUSH_KEY),
             )
             params["do_remote_prefill"] = False
             return False, None
         if not params.get("do_remote_decode"):
             return False, None
-        if request.status not in (
+        finished_ok = request.status in (
             RequestStatus.FINISHED_LENGTH_CAPPED,
             RequestStatus.FINISHED_STOPPED,
-        ):
+        )
+        if tracked is not None and tracked.transfer_id is not None:
+            # Push mode: the worker holds the blocks until its writes landed (or failed).
+            if not block_ids:
+                return False, None
+            ok = finished_ok and not tracked.preempted
+            self._push_finished[request.request_id] = (self.config.send_timeout_s, ok)
+            return True, None
+        if not finished_ok:
             return False, None
         if not block_ids or not self._handshakes:
             if not self._handshakes:
@@ -428,6 +509,13 @@ class LlumnixConnector(KVConnectorBase_V1):
             HANDOFF_KEY: handoffs,
         }
 
+    def _endpoints(self) -> list[dict[str, Any]]:
+        """This instance's push endpoints, one per tensor-parallel rank."""
+        return [
+            PushEndpoint(hs.engine_name, hs.descriptor).to_params()
+            for _, hs in sorted(self._handshakes.items())
+        ]
+
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -440,6 +528,7 @@ class LlumnixConnector(KVConnectorBase_V1):
                 f"{tensors[0].device if tensors else None}"
             )
         self._layout = vllm_cpu(tensors)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         block_size = self._vllm_config.cache_config.block_size
         if self._layout.block_tokens != block_size:
             raise UnsupportedError(
@@ -452,8 +541,13 @@ class LlumnixConnector(KVConnectorBase_V1):
             name, transports=self.config.transports, listen_host=self.config.listen_host
         )
         self._engine.register_layout(self._layout)
-        self._puller = PdPuller(self._engine, self._layout)
-        self._ledger = PdSendLedger(self._engine)
+        self._peers = PeerPool(self._engine)
+        self._puller = PdPuller(self._engine, self._layout, self._peers)
+        self._ledger = PdSendLedger()
+        self._pusher = PdPusher(self._engine, self._layout, self._peers)
+        self._receiver = PdPushReceiver(self._engine, self._layout, self._peers)
+        pusher = self._pusher
+        self._notices = NoticeReader(self._engine, lambda note: pusher.prepare(note.message))
         if self._stack is not None:
             self._offloader = BlockOffloader(self._layout, self._stack)
         logger.info(
@@ -471,44 +565,103 @@ class LlumnixConnector(KVConnectorBase_V1):
             self._engine.name, self._engine.descriptor(), layout_to_dict(self._layout)
         )
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Before the step's forward (vLLM calls ``start_load_kv`` after it when no load is
+        synchronous): push mode learns the step's requests here, so each layer's tokens can
+        go out from ``save_kv_layer``."""
+        super().bind_connector_metadata(connector_metadata)
+        if self._pusher is None or not isinstance(connector_metadata, LlumnixConnectorMetadata):
+            return
+        self._take_notices()
+        for request_id, (seconds, ok) in connector_metadata.push_finished.items():
+            self._pusher.finish(request_id, seconds, ok=ok)
+        for request_id, step in connector_metadata.push_steps.items():
+            self._pusher.track(request_id, step.transfer_id, step.block_ids, step.computed)
+        self._pusher.begin_step()
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, LlumnixConnectorMetadata)
-        if self._offloader is not None:
-            for store_load in meta.store_loads.values():
-                # Synchronous: vLLM runs this before the forward of a step with such loads.
-                failed = self._offloader.load(
-                    store_load.blocks,
-                    store_load.keys,
-                    self.config.load_store_timeout_s,
-                    tokens=store_load.tokens,
-                )
-                self._failed_blocks.update(failed)
-        if self._puller is None or self._ledger is None:
+        for store_load in meta.store_loads.values():
+            # Synchronous: vLLM runs this before the forward of a step with such loads.
+            self._load_from_store(store_load)
+        if self._engine is None:
             return
+        self._take_notices()
+        assert self._ledger and self._puller and self._pusher and self._receiver
         now = time.monotonic()
         for request_id, seconds in meta.sends.items():
             self._ledger.hold(request_id, seconds)
         for request_id, spec in meta.loads.items():
-            if spec.store is not None and self._offloader is not None:
-                failed = self._offloader.load(
-                    spec.store.blocks,
-                    spec.store.keys,
-                    self.config.load_store_timeout_s,
-                    tokens=spec.store.tokens,
+            if spec.store is not None:
+                self._load_from_store(spec.store)
+            deadline = now + self.config.load_timeout_s
+            if spec.notice_only:
+                self._send_free_notice(spec)
+                continue
+            if spec.push is not None:
+                endpoints = spec.push["prefill"]
+                self._receiver.expect(
+                    request_id,
+                    str(spec.push["transfer_id"]),
+                    PushEndpoint.from_params(endpoints[self._tp_rank % len(endpoints)]),
+                    spec.local_blocks,
+                    spec.tokens,
+                    deadline,
                 )
-                self._failed_blocks.update(failed)
+                continue
             handoff = spec.handoffs[self._tp_rank % len(spec.handoffs)]
             job = LoadJob(
                 request_id=request_id,
                 handoff=PdHandoff.from_params(handoff),
                 local_blocks=spec.local_blocks,
                 tokens=spec.tokens,
-                deadline=now + self.config.load_timeout_s,
+                deadline=deadline,
             )
-            if spec.notice_only:
-                self._notice_only.add(request_id)
             self._puller.start(job)
+
+    def _send_free_notice(self, spec: LoadSpec) -> None:
+        """Tells the prefill a request will not load (aborted, or all of it cached here), so
+        it frees the blocks it holds. Sent from a background thread: the engine may stop
+        stepping right after (nothing here waits for it)."""
+        assert self._peers is not None
+        timeout = self.config.load_timeout_s
+        if spec.push is not None:
+            endpoints = spec.push["prefill"]
+            endpoint = PushEndpoint.from_params(endpoints[self._tp_rank % len(endpoints)])
+            message = abort_notice(str(spec.push["transfer_id"]))
+            self._peers.notify(endpoint.engine_name, endpoint.descriptor, message, timeout)
+            return
+        handoff = PdHandoff.from_params(spec.handoffs[self._tp_rank % len(spec.handoffs)])
+        message = read_notice(handoff.request_id)
+        self._peers.notify(handoff.engine_name, handoff.descriptor, message, timeout)
+
+    def _load_from_store(self, spec: StoreLoad) -> None:
+        if self._offloader is None:
+            return
+        began = time.monotonic()
+        failed = self._offloader.load(
+            spec.blocks, spec.keys, self.config.load_store_timeout_s, tokens=spec.tokens
+        )
+        self._failed_blocks.update(failed)
+        loaded = len(spec.blocks) - len(failed)
+        if loaded:
+            seconds = time.monotonic() - began
+            self._stats.record("store_load", seconds, loaded * self._offloader.chunk_bytes)
+        if failed:
+            self._stats.count("store_blocks_failed", len(failed))
+
+    def _take_notices(self) -> None:
+        """Hands each notification to the part of the protocol it belongs to."""
+        assert self._notices and self._ledger and self._pusher and self._receiver
+        for note in self._notices.take():
+            message = note.message
+            if not (
+                self._ledger.accept(message)
+                or self._pusher.accept(message)
+                or self._receiver.accept(message)
+            ):
+                logger.warning("unexpected notification from %s: %.60r", note.peer, message)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -520,9 +673,15 @@ class LlumnixConnector(KVConnectorBase_V1):
         attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        return
+        # Push mode: this layer's KV of the step's tokens is in the cache now (the CPU
+        # attention wrote it synchronously), so it can go while later layers compute.
+        layer = self._layer_index.get(layer_name)
+        if self._pusher is not None and layer is not None:
+            self._pusher.on_layer(layer)
 
     def wait_for_save(self) -> None:
+        if self._pusher is not None:
+            self._pusher.end_step()
         if self._offloader is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -533,14 +692,13 @@ class LlumnixConnector(KVConnectorBase_V1):
             self._offloader.save(spec.blocks, spec.keys)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        if self._puller is None or self._ledger is None:
+        if self._engine is None:
             return None, None
-        sending = set(self._ledger.poll())
+        self._take_notices()
+        assert self._ledger and self._puller and self._pusher and self._receiver
+        sending = set(self._ledger.poll()) | set(self._pusher.poll())
         recving = set()
-        for outcome in self._puller.poll():
-            if outcome.request_id in self._notice_only:
-                self._notice_only.discard(outcome.request_id)
-                continue
+        for outcome in self._puller.poll() + self._receiver.poll():
             recving.add(outcome.request_id)
             self._failed_blocks.update(outcome.failed_blocks)
         return sending or None, recving or None
@@ -549,7 +707,56 @@ class LlumnixConnector(KVConnectorBase_V1):
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
+    def get_kv_connector_stats(self) -> LlumnixKVConnectorStats | None:
+        """Transfers finished since the last call (vLLM calls it after every step)."""
+        stats, self._stats = self._stats, LlumnixKVConnectorStats()
+        parts = (
+            ("load", self._puller),
+            ("load", self._receiver),
+            ("push", self._pusher),
+        )
+        for kind, part in parts:
+            if part is not None:
+                for seconds, nbytes in part.durations:
+                    stats.record(kind, seconds, nbytes)
+                part.durations.clear()
+        failed = self._totals()
+        for event, total in failed.items():
+            stats.count(event, total - self._reported.get(event, 0))
+        self._reported = failed
+        return None if stats.is_empty() else stats
+
+    def _totals(self) -> dict[str, int]:
+        puller, receiver, pusher, ledger = self._puller, self._receiver, self._pusher, self._ledger
+        return {
+            "failed_loads": (puller.loads_failed if puller else 0)
+            + (receiver.loads_failed if receiver else 0),
+            "failed_pushes": pusher.pushes_failed if pusher else 0,
+            "expired_holds": (ledger.holds_expired if ledger else 0)
+            + (pusher.holds_expired if pusher else 0),
+        }
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> LlumnixKVConnectorStats | None:
+        return LlumnixKVConnectorStats(data=data) if data is not None else LlumnixKVConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> LlumnixPromMetrics:
+        return LlumnixPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
+        if self._notices is not None:
+            self._notices.close()
+        if self._peers is not None:
+            self._peers.close()
         if self._engine is not None:
             self._engine.close()
             self._engine = None
@@ -564,16 +771,22 @@ class LlumnixConnector(KVConnectorBase_V1):
 
     def counters(self) -> dict[str, int]:
         """Worker-side totals since start (loads, tokens loaded, holds released)."""
-        puller, ledger = self._puller, self._ledger
+        puller, ledger, pusher, receiver = self._puller, self._ledger, self._pusher, self._receiver
         store = self._offloader.stats() if self._offloader is not None else {}
+        pd = (puller, receiver)
         return store | {
-            "loads_done": puller.loads_done if puller else 0,
-            "loads_failed": puller.loads_failed if puller else 0,
-            "tokens_loaded": puller.tokens_loaded if puller else 0,
-            "loads_pending": puller.pending if puller else 0,
+            "loads_done": sum(p.loads_done for p in pd if p),
+            "loads_failed": sum(p.loads_failed for p in pd if p),
+            "tokens_loaded": sum(p.tokens_loaded for p in pd if p),
+            "loads_pending": sum(p.pending for p in pd if p),
             "reads_noticed": ledger.reads_noticed if ledger else 0,
-            "holds_expired": ledger.holds_expired if ledger else 0,
-            "holds_pending": ledger.pending if ledger else 0,
+            "holds_expired": (ledger.holds_expired if ledger else 0)
+            + (pusher.holds_expired if pusher else 0),
+            "holds_pending": (ledger.pending if ledger else 0) + (pusher.pending if pusher else 0),
+            "pushes_done": pusher.pushes_done if pusher else 0,
+            "pushes_failed": pusher.pushes_failed if pusher else 0,
+            "push_layer_batches": pusher.layer_batches if pusher else 0,
+            "bytes_pushed": pusher.bytes_pushed if pusher else 0,
         }
 
 
@@ -581,7 +794,21 @@ def _remote_tokens(request: Request) -> int | None:
     """Prompt tokens the prefill computed, for a request that still has to load them; None
     for any other request, or when its hand-off is malformed (it is then prefilled here)."""
     params = request.kv_transfer_params
-    if not params or not params.get("do_remote_prefill") or HANDOFF_KEY not in params:
+    if not params or not params.get("do_remote_prefill"):
+        return None
+    push = params.get(PUSH_KEY)
+    if push is not None:
+        # Push mode: the prefill computes the whole prompt and writes it here.
+        try:
+            if not push["prefill"] or not str(push["transfer_id"]):
+                raise ValueError("no prefill endpoint or transfer id")
+            [PushEndpoint.from_params(e) for e in push["prefill"]]
+        except (KvError, KeyError, TypeError, ValueError) as exc:
+            logger.warning("ignoring the malformed push params of %s: %s", request.request_id, exc)
+            params["do_remote_prefill"] = False
+            return None
+        return int(request.num_prompt_tokens)
+    if HANDOFF_KEY not in params:
         return None
     try:
         handoffs = [PdHandoff.from_params(h) for h in params[HANDOFF_KEY]]

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from llumnix_kv.connector import LoadJob, PdHandoff, PdPuller, PdSendLedger, read_notice  # noqa: E402
+from llumnix_kv.connector.peers import PeerPool  # noqa: E402
 from llumnix_kv.copy import execute, plan_copy  # noqa: E402
 from llumnix_kv.layout import layout_to_dict, vllm_cpu  # noqa: E402
 from llumnix_kv.transfer import TransferEngine  # noqa: E402
@@ -38,7 +39,13 @@ def _prefill_side(conn: Any) -> None:
     layout = vllm_cpu(tensors)
     with TransferEngine("prefill", transports=["shm", "tcp"]) as engine:
         engine.register_layout(layout)
-        ledger = PdSendLedger(engine)
+        ledger = PdSendLedger()
+
+        def poll() -> list[str]:
+            for note in engine.notifications():
+                ledger.accept(note.message)
+            return ledger.poll()
+
         conn.send((engine.name, engine.descriptor(), layout_to_dict(layout)))
         while True:
             cmd, *args = conn.recv()
@@ -49,10 +56,10 @@ def _prefill_side(conn: Any) -> None:
                 conn.send(None)
             elif cmd == "poll":  # until something is released or the timeout
                 deadline = time.monotonic() + args[0]
-                released = ledger.poll()
+                released = poll()
                 while not released and time.monotonic() < deadline:
                     time.sleep(0.01)
-                    released = ledger.poll()
+                    released = poll()
                 conn.send((released, ledger.reads_noticed, ledger.holds_expired))
 
 
@@ -109,7 +116,7 @@ def test_pull_across_block_sizes_releases_on_notice(prefill: Prefill) -> None:
     local = vllm_cpu(got)
     with TransferEngine("decode", transports=["shm", "tcp"]) as engine:
         engine.register_layout(local)
-        puller = PdPuller(engine, local)
+        puller = PdPuller(engine, local, PeerPool(engine))
         prefill.call("hold", "r1", 30.0)
         job = LoadJob(
             "d1", prefill.handoff("r1", p_blocks, 100), d_blocks, tokens, time.monotonic() + 20
@@ -135,7 +142,7 @@ def test_hold_expires_without_notice_and_early_notice_is_kept(prefill: Prefill) 
     local = vllm_cpu(cache(64, seed=None))
     with TransferEngine("decode", transports=["shm", "tcp"]) as engine:
         engine.register_layout(local)
-        puller = PdPuller(engine, local)
+        puller = PdPuller(engine, local, PeerPool(engine))
         job = LoadJob("d2", prefill.handoff("early", [1], 32), [], (0, 0), time.monotonic() + 20)
         assert pull(puller, job).ok
         assert read_notice("early").endswith(b"early")
@@ -151,7 +158,7 @@ def test_lost_prefill_fails_the_load_with_its_blocks(prefill: Prefill) -> None:
     local = vllm_cpu(cache(64, seed=None))
     with TransferEngine("decode", transports=["shm", "tcp"], connect_timeout=2.0) as engine:
         engine.register_layout(local)
-        puller = PdPuller(engine, local)
+        puller = PdPuller(engine, local, PeerPool(engine))
         t0 = time.monotonic()
         job = LoadJob("d3", handoff, [4, 7, 9], (10, 80), time.monotonic() + 5)
         outcome = pull(puller, job)
