@@ -9,6 +9,12 @@ For each ``POST /v1/completions`` or ``POST /v1/chat/completions`` request the p
    instance, which reads the prompt's KV cache from the prefill instance instead of computing
    it, and passes the decode's response (SSE stream or JSON) through to the client.
 
+With ``--mode push`` (LlumnixConnector's push mode) both requests go out at once, named by
+one transfer id: the decode instance allocates blocks and asks the prefill instance to write
+into them, and the prefill writes each layer's KV as soon as it is computed, so the transfer
+overlaps the prefill. The proxy learns each prefill instance's push endpoint once, with a
+one-token probe request.
+
 Prefill and decode instances are picked round-robin. Every upstream call has a timeout; an
 upstream failure becomes an OpenAI-style JSON error (a client error keeps the upstream's
 status, anything else is 502, a timeout 504). ``GET /health`` is 200 when every upstream
@@ -72,11 +78,19 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def prefill_body(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+MODES = ("pull", "push")
+# LlumnixConnector's kv_transfer_params keys for push mode (llumnix_kv.plugins.vllm).
+PUSH_KEY, PROBE_KEY, ENDPOINT_KEY = "llumnix_push", "llumnix_probe", "llumnix_endpoint"
+
+
+def prefill_body(
+    body: dict[str, Any], chat: bool, kv_params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The prefill instance's request: the prompt, one output token, the KV kept for a
-    remote decode."""
+    remote decode (``kv_params`` replaces the default transfer params)."""
     out = dict(body)
-    out.update(max_tokens=1, stream=False, n=1, kv_transfer_params={"do_remote_decode": True})
+    kv = kv_params if kv_params is not None else {"do_remote_decode": True}
+    out.update(max_tokens=1, stream=False, n=1, kv_transfer_params=kv)
     if chat or "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
     for key in ("stream_options", "min_tokens"):
@@ -110,12 +124,21 @@ class PdProxy:
     """The proxy's state: upstream URLs, their round-robin cursors and the HTTP client."""
 
     def __init__(
-        self, prefill_urls: Sequence[str], decode_urls: Sequence[str], timeout: float
+        self,
+        prefill_urls: Sequence[str],
+        decode_urls: Sequence[str],
+        timeout: float,
+        mode: str = "pull",
     ) -> None:
         if not prefill_urls or not decode_urls:
             raise ValueError("at least one prefill and one decode URL are needed")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self._endpoints: dict[str, list[Any]] = {}  # prefill URL -> its push endpoints
+        self._prefills: set[asyncio.Task[Any]] = set()  # push mode: prefills in flight
         self.prefill_urls = [normalize_url(u) for u in prefill_urls]
         self.decode_urls = [normalize_url(u) for u in decode_urls]
         self.timeout = timeout
@@ -131,6 +154,10 @@ class PdProxy:
         )
 
     async def close(self, app: web.Application) -> None:
+        for task in list(self._prefills):
+            task.cancel()
+        if self._prefills:
+            await asyncio.gather(*self._prefills, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -181,8 +208,12 @@ class PdProxy:
             return exc.response()
         headers = _forwarded(request)
         headers.setdefault("X-Request-Id", uuid.uuid4().hex)
+        kv_params: dict[str, Any] | None
         try:
-            kv_params = await self._prefill(path, body, chat, headers)
+            if self.mode == "push":
+                kv_params = await self._start_push(path, body, chat, headers)
+            else:
+                kv_params = await self._prefill(path, body, chat, headers)
         except ProxyError as exc:
             return exc.response()
         decode = dict(body)
@@ -224,6 +255,62 @@ class PdProxy:
             )
             return None
         return params
+
+    async def _start_push(
+        self, path: str, body: dict[str, Any], chat: bool, headers: dict[str, str]
+    ) -> dict[str, Any]:
+        """Push mode: starts the prefill request in the background and returns the decode
+        request's transfer params (the prefill's endpoint and the shared transfer id)."""
+        url = next(self._next_prefill)
+        endpoints = await self._push_endpoints(url, body, headers)
+        transfer_id = uuid.uuid4().hex
+        p_body = prefill_body(
+            body, chat, {"do_remote_decode": True, PUSH_KEY: {"transfer_id": transfer_id}}
+        )
+        task = asyncio.create_task(self._post(url + path, p_body, headers, "prefill"))
+        self._prefills.add(task)
+        task.add_done_callback(lambda t: self._prefill_done(t, url, headers["X-Request-Id"]))
+        return {
+            "do_remote_prefill": True,
+            PUSH_KEY: {"transfer_id": transfer_id, "prefill": endpoints},
+        }
+
+    def _prefill_done(self, task: asyncio.Task[Any], url: str, request_id: str) -> None:
+        self._prefills.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # The decode instance waits for the push until its load deadline, then fails
+            # or recomputes the request (its kv_load_failure_policy). A restarted prefill
+            # has a new endpoint: probe it again next time.
+            self._endpoints.pop(url, None)
+            logger.warning("push-mode prefill of %s on %s failed: %s", request_id, url, exc)
+
+    async def _push_endpoints(
+        self, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> list[Any]:
+        """The prefill instance's push endpoints, from a one-token probe (cached)."""
+        endpoints = self._endpoints.get(url)
+        if endpoints:
+            return endpoints
+        probe = {
+            "model": body.get("model"),
+            "prompt": [0],
+            "max_tokens": 1,
+            "kv_transfer_params": {PROBE_KEY: True},
+        }
+        _, data = await self._post(url + "/v1/completions", probe, headers, "prefill")
+        try:
+            endpoints = json.loads(data)["kv_transfer_params"][ENDPOINT_KEY]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProxyError(
+                502, f"prefill {url} returned no push endpoint (is it LlumnixConnector?)"
+            ) from exc
+        if not isinstance(endpoints, list) or not endpoints:
+            raise ProxyError(502, f"prefill {url} has no push endpoint yet")
+        self._endpoints[url] = endpoints
+        return endpoints
 
     async def _post(
         self, url: str, body: dict[str, Any], headers: dict[str, str], role: str
@@ -318,10 +405,13 @@ PROXY_KEY = web.AppKey("pd_proxy", PdProxy)
 
 
 def build_app(
-    prefill_urls: Sequence[str], decode_urls: Sequence[str], timeout: float = 300.0
+    prefill_urls: Sequence[str],
+    decode_urls: Sequence[str],
+    timeout: float = 300.0,
+    mode: str = "pull",
 ) -> web.Application:
     """The proxy as an aiohttp application (its client session opens and closes with it)."""
-    proxy = PdProxy(prefill_urls, decode_urls, timeout)
+    proxy = PdProxy(prefill_urls, decode_urls, timeout, mode)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[PROXY_KEY] = proxy
     app.on_startup.append(proxy.start)
@@ -362,6 +452,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds: bound of each upstream call (of each wait for the next chunk when "
         "streaming)",
     )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="pull",
+        help="pull: prefill first, then the decode reads the KV; push: both at once, the "
+        "prefill writes each layer's KV into the decode's blocks (LlumnixConnector)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -371,9 +468,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = build_app(args.prefill, args.decode, args.timeout)
+    app = build_app(args.prefill, args.decode, args.timeout, args.mode)
     logger.info(
-        "PD proxy on http://%s:%d: prefill %s, decode %s",
+        "PD proxy (%s mode) on http://%s:%d: prefill %s, decode %s",
+        args.mode,
         args.host,
         args.port,
         args.prefill,
