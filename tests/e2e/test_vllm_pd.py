@@ -334,6 +334,10 @@ BASE_API = {
     "request_finished": ("self", "request", "block_ids"),
     "shutdown": ("self",),
     "get_kv_connector_stats": ("self",),
+    "bind_connector_metadata": ("self", "connector_metadata"),
+    "update_connector_output": ("self", "connector_output"),
+    "build_kv_connector_stats": ("data",),
+    "build_prom_metrics": ("vllm_config", "metric_types", "labelnames", "per_engine_labelvalues"),
 }
 ABSTRACT = {
     "build_connector_meta",

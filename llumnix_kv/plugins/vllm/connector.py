@@ -5,6 +5,10 @@ prompt with ``kv_transfer_params={"do_remote_decode": True}`` and keeps the requ
 the params it returns go to the decode instance, which reads the KV into its own blocks and
 tells the prefill instance, which then frees them.
 
+Push mode (:mod:`llumnix_kv.connector.push`): both instances get the request at once, named by
+one transfer id; the decode allocates blocks and the prefill writes each layer's KV into them
+as soon as that layer is computed.
+
 Store offload (``store`` in the config, :mod:`llumnix_kv.connector.offload`): full prompt
 blocks are saved to the store tiers while prefilling and loaded on a later prefix hit, by
 this instance or any other sharing a tier. With both, a decode instance reads the blocks the
@@ -17,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 __all__ = [
@@ -155,54 +161,63 @@ class _Tracked:
 
 
 class LlumnixConnector(KVConnectorBase_V1):
-    """Prefill-decode disaggregation (pull mode) over llumnix_kv's transfer engine.
+    """Prefill-decode disaggregation (pull and push) and store offload over llumnix_kv.
 
     Scheduler side:
         - ``get_num_new_matched_tokens``: a request with ``do_remote_prefill`` and a Llumnix
-          hand-off loads the prompt tokens the prefill computed beyond the local prefix hit,
-          asynchronously (the request waits in WAITING_FOR_REMOTE_KVS). Its side effects: a
-          malformed hand-off is dropped once (the request is prefilled here), and the store
+          hand-off (pull) or push params loads the prompt tokens the prefill computes beyond
+          the local prefix hit, asynchronously (the request waits in WAITING_FOR_REMOTE_KVS).
+          A malformed hand-off is dropped once (the request is prefilled here); the store
           match of the request is remembered for ``update_state_after_alloc``.
         - ``update_state_after_alloc``: records the request's block table and token range
-          for the worker; one load per request (``do_remote_prefill`` is cleared).
-        - ``build_connector_meta``: ships this step's loads and send holds to the workers;
+          for the worker; one load per request (``do_remote_prefill`` is cleared). Requests
+          whose blocks are saved to the store or pushed to a decode have their block tables
+          followed step by step.
+        - ``build_connector_meta``: ships this step's loads, send holds, store loads and
+          saves, and push steps (tokens each pushed request computes) to the workers;
           ``has_pending_push_work`` is True while some wait to be shipped.
         - ``request_finished``: on the prefill instance, a request with
-          ``do_remote_decode`` that finished normally keeps its blocks (returns True) and
-          returns the hand-off params for the decode instance; the worker frees them on the
-          decode's read notice or after ``send_timeout_s``. On the decode instance, a request
-          aborted before its load was scheduled sends the prefill an empty read notice, so
-          the prefill frees its blocks at once.
+          ``do_remote_decode`` keeps its blocks (returns True): pull mode returns the
+          hand-off params for the decode instance and the worker frees the blocks on the
+          decode's read notice or after ``send_timeout_s``; push mode frees them once its
+          writes landed (or failed, or no decode asked by the deadline). A probe request
+          (``llumnix_probe``) returns this instance's push endpoints. On the decode instance,
+          a request aborted before its load was scheduled tells the prefill to free its
+          blocks at once.
 
     Store offload (``store`` in the config; the protocol is in
     :mod:`llumnix_kv.connector.offload`), for every request that is not a PD load:
         - ``get_num_new_matched_tokens``: counts the consecutive full blocks after the local
           prefix hit whose keys (namespace tag + vLLM block hash) some tier holds, and returns
-          them as a synchronous load (capped one token short of the request, so the last
+          them as an asynchronous load (capped one token short of the request, so the last
           token is computed).
         - ``update_state_after_alloc`` records the blocks to fill; ``build_connector_meta``
           ships them, and the full prompt blocks each step completes, to the worker.
-        - Worker: ``start_load_kv`` (before the forward of a step with such loads) reads the
-          chunks and scatters them into the blocks; ``wait_for_save`` (after the forward)
-          gathers the completed blocks and puts them to every tier that lacks them. Blocks
-          that could not be loaded are reported by ``get_block_ids_with_load_errors``.
+        - Worker: ``start_load_kv`` hands the load to a store-load thread that reads the
+          chunks and scatters them into the blocks while the engine runs other requests;
+          ``get_finished`` reports it; ``wait_for_save`` (after the forward) gathers the
+          completed blocks and puts them to every tier that lacks them. Blocks that could
+          not be loaded are reported by ``get_block_ids_with_load_errors``.
         - pd+store: for a PD load, the leading blocks of the prefill's range that some tier
-          holds are read from the store (synchronously, in ``start_load_kv``) and the READ
-          from the prefill covers only the rest (possibly nothing but the read notice).
+          holds are read from the store (on the store-load thread) and the transfer from the
+          prefill covers only the rest (possibly nothing); the request waits for both.
 
     Worker side:
         - ``register_kv_caches``: describes the CPU_ATTN cache as a KvLayout, registers it
           with the process's TransferEngine (one per worker process) and publishes it in
-          ``get_handshake_metadata``.
-        - ``start_load_kv``: submits this step's READs and starts the send holds; it never
-          waits for data, but the first hand-off from a prefill worker connects to it (a
-          blocking handshake bounded by the transfer engine's connect timeout).
-        - ``wait_for_layer_load``, ``save_kv_layer``, ``wait_for_save``: no-ops (pull mode
-          moves whole requests between steps).
-        - ``get_finished``: loads whose data landed or failed (finished_recving), and holds
-          released by a read notice or their deadline (finished_sending).
+          ``get_handshake_metadata``. Connects to peers and "free your blocks" notices run on
+          background threads (:mod:`llumnix_kv.connector.peers`), never in an engine step.
+        - ``bind_connector_metadata`` (before the forward): push mode takes the step's pushed
+          requests and the decodes' readies; ``save_kv_layer`` writes each layer's new tokens
+          right after its attention ran; ``wait_for_save`` closes the step.
+        - ``start_load_kv``: submits this step's READs (pull), waits for pushes (push), starts
+          store loads and send holds; it never waits for data.
+        - ``get_finished``: loads whose data landed or failed (finished_recving), and blocks
+          released by a read notice, a finished push or a deadline (finished_sending).
         - ``get_block_ids_with_load_errors``: the local blocks of failed loads, so vLLM
           recomputes them (``kv_load_failure_policy="recompute"``) or fails the request.
+        - ``get_kv_connector_stats``: transfers and failures since the last step
+          (:mod:`llumnix_kv.plugins.vllm.stats`).
     """
 
     def __init__(
@@ -236,12 +251,21 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._receiver: PdPushReceiver | None = None
         self._stats = LlumnixKVConnectorStats()
         self._reported: dict[str, int] = {}  # event totals already in returned stats
+        # Loads in progress: parts (store load, PD load) per request, store-load futures.
+        self._parts: dict[str, int] = {}
+        self._store_jobs: list[tuple[str, StoreLoad, Future[tuple[list[int], float]]]] = []
+        self._store_pool: ThreadPoolExecutor | None = None
         self._failed_blocks: set[int] = set()
         self._tp_rank = 0
         # Store offload (both sides; one stack per tier list per process).
         self._stack: StoreStack | None = None
         self._key_tag = b""
         self._store_matches: dict[str, tuple[int, int]] = {}  # id -> (first block, blocks)
+        # Store loads shipped and not finished (their blocks), and requests whose store load
+        # failed: those are not matched again (a tier that claims a chunk it cannot serve
+        # would make the request fail and retry forever).
+        self._store_inflight: dict[str, set[int]] = {}
+        self._store_failed: set[str] = set()
         self._store_loads: dict[str, StoreLoad] = {}
         self._offloader: BlockOffloader | None = None
         if self.config.store is not None:
@@ -267,7 +291,8 @@ class LlumnixConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         remote_tokens = _remote_tokens(request)
         if remote_tokens is None:
-            return self._store_match(request, num_computed_tokens), False
+            tokens = self._store_match(request, num_computed_tokens)
+            return tokens, tokens > 0  # loaded asynchronously: the request waits for it
         count = min(remote_tokens, request.num_prompt_tokens) - num_computed_tokens
         if count <= 0:
             return 0, False
@@ -300,6 +325,7 @@ class LlumnixConnector(KVConnectorBase_V1):
                 keys=self._store_keys(request, first, first + num_blocks),
                 tokens=num_blocks * bt,
             )
+            self._store_inflight[request.request_id] = set(store.blocks)
             begin += num_blocks * bt
         self._loads[request.request_id] = LoadSpec(
             handoffs=list(params.get(HANDOFF_KEY, [])),
@@ -380,6 +406,8 @@ class LlumnixConnector(KVConnectorBase_V1):
         bt = self._block_size
         if self._stack is None or num_computed_tokens % bt:
             return 0
+        if request.request_id in self._store_failed:
+            return 0
         first = num_computed_tokens // bt
         end = len(request.block_hashes)
         if limit is not None:
@@ -404,11 +432,23 @@ class LlumnixConnector(KVConnectorBase_V1):
         first, num_blocks = self._store_matches.pop(request.request_id, (0, 0))
         if num_external_tokens <= 0 or num_blocks <= 0:
             return
-        self._store_loads[request.request_id] = StoreLoad(
+        load = StoreLoad(
             blocks=block_ids[first : first + num_blocks],
             keys=self._store_keys(request, first, first + num_blocks),
             tokens=num_external_tokens,
         )
+        self._store_loads[request.request_id] = load
+        self._store_inflight[request.request_id] = set(load.blocks)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Notes store loads that failed (their blocks come back as invalid)."""
+        invalid = connector_output.invalid_block_ids or set()
+        if invalid:
+            for request_id, blocks in self._store_inflight.items():
+                if blocks & invalid:
+                    self._store_failed.add(request_id)
+        for request_id in connector_output.finished_recving or ():
+            self._store_inflight.pop(request_id, None)
 
     def _store_saves(self, scheduler_output: SchedulerOutput) -> dict[str, StoreSave]:
         """The full prompt blocks this step completes, per request, not saved before."""
@@ -454,6 +494,8 @@ class LlumnixConnector(KVConnectorBase_V1):
 
         tracked = self._tracked.pop(request.request_id, None)
         self._store_matches.pop(request.request_id, None)
+        self._store_inflight.pop(request.request_id, None)
+        self._store_failed.discard(request.request_id)
         self._store_loads.pop(request.request_id, None)
         params = request.kv_transfer_params
         if not params:
@@ -550,6 +592,7 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._notices = NoticeReader(self._engine, lambda note: pusher.prepare(note.message))
         if self._stack is not None:
             self._offloader = BlockOffloader(self._layout, self._stack)
+            self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="llumnix-store-load")
         logger.info(
             "registered %d layers, %d blocks of %d tokens as %s",
             self._layout.num_layers,
@@ -582,9 +625,8 @@ class LlumnixConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, LlumnixConnectorMetadata)
-        for store_load in meta.store_loads.values():
-            # Synchronous: vLLM runs this before the forward of a step with such loads.
-            self._load_from_store(store_load)
+        for request_id, store_load in meta.store_loads.items():
+            self._start_store_load(request_id, store_load)
         if self._engine is None:
             return
         self._take_notices()
@@ -593,12 +635,13 @@ class LlumnixConnector(KVConnectorBase_V1):
         for request_id, seconds in meta.sends.items():
             self._ledger.hold(request_id, seconds)
         for request_id, spec in meta.loads.items():
-            if spec.store is not None:
-                self._load_from_store(spec.store)
             deadline = now + self.config.load_timeout_s
             if spec.notice_only:
                 self._send_free_notice(spec)
                 continue
+            if spec.store is not None:
+                self._start_store_load(request_id, spec.store)
+            self._parts[request_id] = self._parts.get(request_id, 0) + 1
             if spec.push is not None:
                 endpoints = spec.push["prefill"]
                 self._receiver.expect(
@@ -636,20 +679,54 @@ class LlumnixConnector(KVConnectorBase_V1):
         message = read_notice(handoff.request_id)
         self._peers.notify(handoff.engine_name, handoff.descriptor, message, timeout)
 
-    def _load_from_store(self, spec: StoreLoad) -> None:
-        if self._offloader is None:
+    def _start_store_load(self, request_id: str, spec: StoreLoad) -> None:
+        """Reads the chunks into the request's blocks on the store-load thread; the request
+        waits (WAITING_FOR_REMOTE_KVS) until :meth:`get_finished` reports it."""
+        offloader, pool = self._offloader, self._store_pool
+        if offloader is None or pool is None:
+            self._failed_blocks.update(spec.blocks)
             return
-        began = time.monotonic()
-        failed = self._offloader.load(
-            spec.blocks, spec.keys, self.config.load_store_timeout_s, tokens=spec.tokens
-        )
-        self._failed_blocks.update(failed)
-        loaded = len(spec.blocks) - len(failed)
-        if loaded:
-            seconds = time.monotonic() - began
-            self._stats.record("store_load", seconds, loaded * self._offloader.chunk_bytes)
-        if failed:
-            self._stats.count("store_blocks_failed", len(failed))
+        timeout = self.config.load_store_timeout_s
+
+        def load() -> tuple[list[int], float]:
+            began = time.monotonic()
+            failed = offloader.load(spec.blocks, spec.keys, timeout, tokens=spec.tokens)
+            return failed, time.monotonic() - began
+
+        self._store_jobs.append((request_id, spec, pool.submit(load)))
+        self._parts[request_id] = self._parts.get(request_id, 0) + 1
+
+    def _finished_store_loads(self) -> list[str]:
+        """Requests whose store load finished; records their stats and failed blocks."""
+        done, running = [], []
+        for request_id, spec, future in self._store_jobs:
+            if not future.done():
+                running.append((request_id, spec, future))
+                continue
+            try:
+                failed, seconds = future.result()
+            except Exception as exc:  # a tier bug must not wedge the request
+                logger.warning("store load of %s failed: %s", request_id, exc)
+                failed, seconds = list(spec.blocks), 0.0
+            self._failed_blocks.update(failed)
+            loaded = len(spec.blocks) - len(failed)
+            if loaded and self._offloader is not None:
+                self._stats.record("store_load", seconds, loaded * self._offloader.chunk_bytes)
+            if failed:
+                self._stats.count("store_blocks_failed", len(failed))
+            done.append(request_id)
+        self._store_jobs = running
+        return done
+
+    def _part_done(self, request_id: str) -> bool:
+        """One part (store load, PD load) of a request's load finished; True when it was the
+        last."""
+        left = self._parts.get(request_id, 1) - 1
+        if left > 0:
+            self._parts[request_id] = left
+            return False
+        self._parts.pop(request_id, None)
+        return True
 
     def _take_notices(self) -> None:
         """Hands each notification to the part of the protocol it belongs to."""
@@ -697,10 +774,11 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._take_notices()
         assert self._ledger and self._puller and self._pusher and self._receiver
         sending = set(self._ledger.poll()) | set(self._pusher.poll())
-        recving = set()
+        finished = self._finished_store_loads()
         for outcome in self._puller.poll() + self._receiver.poll():
-            recving.add(outcome.request_id)
+            finished.append(outcome.request_id)
             self._failed_blocks.update(outcome.failed_blocks)
+        recving = {request_id for request_id in finished if self._part_done(request_id)}
         return sending or None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -753,6 +831,8 @@ class LlumnixConnector(KVConnectorBase_V1):
         return LlumnixPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        if self._store_pool is not None:
+            self._store_pool.shutdown(wait=True)  # each load is bounded by its timeout
         if self._notices is not None:
             self._notices.close()
         if self._peers is not None:
