@@ -205,6 +205,11 @@ class PdPusher:
     def pending(self) -> int:
         return len(self._pushes)
 
+    @property
+    def stepping(self) -> bool:
+        """Whether this step's layers send anything (set by :meth:`begin_step`)."""
+        return any(push.step is not None for push in self._pushes.values())
+
     def track(self, request_id: str, transfer_id: str, blocks: list[int], computed: int) -> None:
         """The request's block table and the tokens computed once this step's forward ran."""
         push = self._pushes.get(transfer_id)

@@ -46,8 +46,9 @@ from llumnix_kv.connector.pd import read_notice
 from llumnix_kv.connector.peers import NoticeReader, PeerPool
 from llumnix_kv.connector.push import PdPusher, PdPushReceiver, PushEndpoint, abort_notice
 from llumnix_kv.errors import KvError, UnsupportedError
-from llumnix_kv.layout import layout_to_dict, vllm_cpu
+from llumnix_kv.layout import layout_to_dict
 from llumnix_kv.plugins.vllm.config import LlumnixConnectorConfig
+from llumnix_kv.plugins.vllm.layouts import kv_cache_layout
 from llumnix_kv.plugins.vllm.stats import LlumnixKVConnectorStats, LlumnixPromMetrics
 from llumnix_kv.transfer import TransferEngine
 
@@ -243,6 +244,7 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._engine: TransferEngine | None = None
         self._layout: KvLayout | None = None
         self._layer_index: dict[str, int] = {}
+        self._on_device = False
         self._peers: PeerPool | None = None
         self._notices: NoticeReader | None = None
         self._puller: PdPuller | None = None
@@ -562,21 +564,12 @@ class LlumnixConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         tensors = list(kv_caches.values())
-        if not tensors or tensors[0].device.type != "cpu" or tensors[0].dim() != 4:
-            shape = tuple(tensors[0].shape) if tensors else ()
-            raise UnsupportedError(
-                "LlumnixConnector supports vLLM's CPU_ATTN cache ([num_blocks, kv_heads, "
-                f"block_size, 2 * head_size] per layer); got {shape} on "
-                f"{tensors[0].device if tensors else None}"
-            )
-        self._layout = vllm_cpu(tensors)
+        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
+        backend, self._layout = kv_cache_layout(
+            tensors, self._vllm_config.cache_config.block_size, num_blocks
+        )
+        self._on_device = tensors[0].device.type == "cuda"
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
-        block_size = self._vllm_config.cache_config.block_size
-        if self._layout.block_tokens != block_size:
-            raise UnsupportedError(
-                f"KV cache tensors hold {self._layout.block_tokens}-token blocks, the engine "
-                f"uses {block_size}: not the CPU_ATTN layout"
-            )
         self._tp_rank = _tp_rank()
         name = f"vllm-{self.engine_id}-tp{self._tp_rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._engine = TransferEngine(
@@ -594,7 +587,8 @@ class LlumnixConnector(KVConnectorBase_V1):
             self._offloader = BlockOffloader(self._layout, self._stack)
             self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="llumnix-store-load")
         logger.info(
-            "registered %d layers, %d blocks of %d tokens as %s",
+            "registered %s cache: %d layers, %d blocks of %d tokens as %s",
+            backend,
             self._layout.num_layers,
             self._layout.num_blocks,
             self._layout.block_tokens,
@@ -753,8 +747,13 @@ class LlumnixConnector(KVConnectorBase_V1):
         # Push mode: this layer's KV of the step's tokens is in the cache now (the CPU
         # attention wrote it synchronously), so it can go while later layers compute.
         layer = self._layer_index.get(layer_name)
-        if self._pusher is not None and layer is not None:
-            self._pusher.on_layer(layer)
+        if self._pusher is None or layer is None or not self._pusher.stepping:
+            return
+        if self._on_device:
+            # The attention kernels run asynchronously: the layer's KV is in the cache once
+            # the current stream got there.
+            torch.cuda.current_stream().synchronize()
+        self._pusher.on_layer(layer)
 
     def wait_for_save(self) -> None:
         if self._pusher is not None:
