@@ -151,28 +151,33 @@ def test_decode_abort_frees_prefill_blocks(engines: dict[str, EngineProcess]) ->
     assert p_after["holds_expired"] == 0
 
 
-def test_prefill_killed_decode_recomputes(model: Path, engines: dict[str, EngineProcess]) -> None:
-    """The prefill process dies after handing off: the decode's load fails within its
-    deadline and, with kv_load_failure_policy="recompute", the decode engine recomputes the
-    prompt and still produces the reference tokens."""
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_prefill_killed_decode_recomputes(
+    model: Path, engines: dict[str, EngineProcess], mode: str
+) -> None:
+    """The prefill process dies (pull: after handing off; push: before computing): the
+    decode's load fails within its deadline and, with kv_load_failure_policy="recompute",
+    the decode engine recomputes the prompt and still produces the reference tokens."""
     d, ref = engines["d64"], engines["ref"]
-    batch = prompts(4)[:2]
+    batch = prompts(4 if mode == "pull" else 8)[:2]
     want = [o["token_ids"] for o in ref.call("generate", batch, MAX_TOKENS, None)]
     with EngineProcess(
         model, block_size=32, kv_transfer_config=connector_config("kv_producer")
     ) as doomed:
-        params = prefill(doomed, batch)
+        if mode == "pull":
+            params = prefill(doomed, batch)
+        else:
+            _, params = push_params(probe(doomed), len(batch))
         doomed.kill()
     before = d.call("counters")
     t0 = time.monotonic()
     outs = d.call("generate", batch, MAX_TOKENS, params, timeout=DEADLINE_S)
     assert time.monotonic() - t0 < DEADLINE_S
     assert [o["token_ids"] for o in outs] == want
-    after = d.call("counters")
+    after = d.call("drain", DEADLINE_S)
     assert after["loads_failed"] - before["loads_failed"] == len(batch)
     assert after["tokens_loaded"] == before["tokens_loaded"]
-    drained = d.call("drain", DEADLINE_S)
-    assert drained["free_blocks"] == drained["total_blocks"]
+    assert after["free_blocks"] == after["total_blocks"]
 
 
 def probe(p: EngineProcess) -> list[dict[str, Any]]:
@@ -272,29 +277,6 @@ def test_connector_stats_reach_vllm_metrics(engines: dict[str, EngineProcess]) -
     pushed = delta(p_after, p_before, "vllm:llumnix_kv_push_bytes")
     assert pushed == delta(d_after, d_before, "vllm:llumnix_kv_load_bytes")
     assert delta(d_after, d_before, "vllm:llumnix_kv_failed_loads") == 0
-
-
-def test_push_prefill_killed_decode_recomputes(
-    model: Path, engines: dict[str, EngineProcess]
-) -> None:
-    """Push mode, the prefill process dies before computing: the decode's wait ends at its
-    deadline and the decode engine recomputes (kv_load_failure_policy="recompute")."""
-    d, ref = engines["d64"], engines["ref"]
-    batch = prompts(8)[:2]
-    want = [o["token_ids"] for o in ref.call("generate", batch, MAX_TOKENS, None)]
-    with EngineProcess(
-        model, block_size=32, kv_transfer_config=connector_config("kv_producer")
-    ) as doomed:
-        _, d_params = push_params(probe(doomed), len(batch))
-        doomed.kill()
-    before = d.call("counters")
-    t0 = time.monotonic()
-    outs = d.call("generate", batch, MAX_TOKENS, d_params, timeout=DEADLINE_S)
-    assert time.monotonic() - t0 < DEADLINE_S
-    assert [o["token_ids"] for o in outs] == want
-    after = d.call("drain", DEADLINE_S)
-    assert after["loads_failed"] - before["loads_failed"] == len(batch)
-    assert after["free_blocks"] == after["total_blocks"]
 
 
 def test_push_decode_abort_before_alloc_frees_prefill(engines: dict[str, EngineProcess]) -> None:

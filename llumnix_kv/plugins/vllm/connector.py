@@ -817,7 +817,7 @@ class LlumnixConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(
         cls, data: dict[str, Any] | None = None
     ) -> LlumnixKVConnectorStats | None:
-        return LlumnixKVConnectorStats(data=data) if data is not None else LlumnixKVConnectorStats()
+        return LlumnixKVConnectorStats(data=dict(data or {}))  # empty: a fresh one
 
     @classmethod
     def build_prom_metrics(
