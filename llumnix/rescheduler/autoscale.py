@@ -25,7 +25,7 @@ class AutoscaleConfig:
     """Freeness band and limits of the autoscaler."""
 
     scale_out_below: float = 10.0
-    """Add an instance when the average metric (freeness: blocks per running request) is
+    """Add an instance when the average metric (freeness: blocks per request) is
     below this."""
     scale_in_above: float = 60.0
     """Retire an instance when the average metric is above this."""
@@ -52,7 +52,7 @@ class Autoscaler:
 
     def average(self, serving: list[InstanceStatus]) -> float:
         """The cluster's value of the metric over serving instances. Freeness is pooled (free
-        blocks of all instances per running request of all instances): a plain mean of
+        blocks of all instances per request of all instances): a plain mean of
         per-instance freeness is dominated by idle instances (an empty instance's freeness is
         its whole capacity), so each fresh instance would look like a large surplus and
         trigger a scale-in. Other metrics are averaged."""
@@ -61,7 +61,7 @@ class Autoscaler:
             batch = 0
             for s in serving:
                 f = self.metric.evaluate(s, NO_PENDING)
-                n = max(1, s.num_running)
+                n = max(1, self.metric.batch(s, NO_PENDING))
                 free += f * n
                 batch += n
             return free / batch

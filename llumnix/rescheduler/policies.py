@@ -2,7 +2,7 @@
 
 Proposals are ordered best first; the :class:`~llumnix.rescheduler.loop.Rescheduler` keeps
 the conflict-free ones within the concurrency caps. All policies reason in the paper's
-freeness (blocks of free KV per running request, see :mod:`llumnix.scheduler.metrics`), with
+freeness (blocks of free KV per request, see :mod:`llumnix.scheduler.metrics`), with
 only the head-of-line queued request counted, so a blocked queue makes an instance a source.
 """
 

@@ -6,10 +6,15 @@ memoised on the report (a report never changes), so a dispatch over N instances 
 lookups for instances with nothing in flight.
 
 Freeness follows the OSDI'24 paper (Algorithm 1): ``F = (M - sum(virtual usage)) / B`` with
-``M`` the instance's KV blocks and ``B`` its batch size (1 when idle). Virtual usage is the
-physical usage of running requests, plus the demand of queued requests (only the head-of-line
-one for rescheduling, all of them for dispatch), plus a headroom reserved for high-priority
-requests, and infinity for a draining instance.
+``M`` the instance's KV blocks and ``B`` the number of requests whose usage is counted (1 when
+idle). Virtual usage is the physical usage of running requests, plus the demand of queued
+requests (only the head-of-line one for rescheduling, all of them for dispatch), plus a
+headroom reserved for high-priority requests, and infinity for a draining instance. The
+queued requests counted in the usage are counted in ``B`` too, as in Llumnix's
+``remaining_steps`` load (dispatch: running + all queued, in-flight dispatches included;
+rescheduling: running + 1 when a request is queued): otherwise an instance with a long queue
+(or a burst of dispatches it has not yet reported) keeps looking as free per request as
+before and keeps drawing requests.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class Metric:
 
 
 class Freeness(Metric):
-    """Paper freeness, in KV blocks per running request (higher = more room)."""
+    """Paper freeness, in KV blocks per request (higher = more room)."""
 
     name = "freeness"
     higher_is_better = True
@@ -82,8 +87,14 @@ class Freeness(Metric):
         free -= s.waiting_demand_blocks if self._all else s.hol_demand_blocks
         if self.headroom and (s.num_high_priority or p.num_high_priority):
             free -= self.headroom
-        n = s.num_running
+        n = self.batch(s, p)
         return free / n if n > 1 else free
+
+    def batch(self, s: InstanceStatus, p: PendingLoad) -> int:
+        """``B``: running requests plus the queued requests whose demand is counted."""
+        if self._all:
+            return s.num_running + s.num_waiting + p.num_requests
+        return s.num_running + (1 if s.num_waiting else 0)
 
 
 class MigrationFreeness(Freeness):

@@ -373,12 +373,14 @@ class SimInstance:
     def status(self, now: float) -> InstanceStatus:
         """The load report a llumlet would push for this instance now."""
         hol = self.waiting[0].prefill_tokens if self.waiting else 0
+        # requests in the prefill step under way are in vLLM's running queue already
+        prefilling = len(self._step_prefill) if self._step_prefill else 0
         return InstanceStatus(
             instance_id=self.instance_id,
             timestamp=now,
             num_total_blocks=self.profile.num_blocks,
             num_free_blocks=self.free_blocks,
-            num_running=len(self.running),
+            num_running=len(self.running) + prefilling,
             num_waiting=len(self.waiting),
             running_tokens=self.running_tokens,
             waiting_prefill_tokens=self.waiting_tokens,

@@ -125,6 +125,7 @@ SERVING_RATES: dict[str, list[float]] = {
 sit at the edge of saturation, as in the paper (see ``profiles/llama7b_a10.json``)."""
 
 AUTOSCALE_BANDS: list[tuple[float, float]] = [
+    (0, 40),
     (5, 50),
     (10, 60),
     (15, 60),
@@ -132,9 +133,11 @@ AUTOSCALE_BANDS: list[tuple[float, float]] = [
     (30, 75),
     (40, 100),
     (60, 140),
+    (80, 180),
 ]
 """Llumnix's autoscaling bands ``(scale out below, scale in above)`` of average freeness
-(blocks per running request), swept to trace cost against P99 latency."""
+(blocks per request), swept from under-provisioned to the latency floor to trace cost against
+P99 latency."""
 INFAAS_AUTOSCALE_BANDS: list[tuple[float, float]] = [
     (-0.05, 0.20),
     (0.0, 0.25),
@@ -143,9 +146,12 @@ INFAAS_AUTOSCALE_BANDS: list[tuple[float, float]] = [
     (0.15, 0.40),
     (0.20, 0.45),
     (0.30, 0.55),
+    (0.40, 0.65),
+    (0.50, 0.75),
 ]
 """INFaaS++'s bands, on its own load metric (projected free KV fraction, queued demand
-included), as in the paper: each system scales on the load metric it dispatches with."""
+included), as in the paper: each system scales on the load metric it dispatches with. Swept up
+to keeping half the KV free: under bursty arrivals its P99 keeps improving that far."""
 AUTOSCALE_METRIC: dict[str, str] = {"infaas++": "kv_free_fraction"}
 """Autoscaling metric per preset (default ``freeness``)."""
 

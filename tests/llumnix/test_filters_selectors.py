@@ -49,9 +49,9 @@ def test_fits_counts_queue_and_in_flight():
 
 
 def test_lexicographic_orders_and_breaks_ties():
-    a = make_status("a", num_free_blocks=50, num_running=5, num_waiting=3)
-    b = make_status("b", num_free_blocks=50, num_running=5, num_waiting=1)
-    c = make_status("c", num_free_blocks=20, num_running=5)
+    a = make_status("a", num_free_blocks=60, num_running=5, num_waiting=1)
+    b = make_status("b", num_free_blocks=60, num_running=6)
+    c = make_status("c", num_free_blocks=20, num_running=1, num_waiting=1)
     cands = [(a, NO_PENDING), (b, NO_PENDING), (c, NO_PENDING)]
     assert Lexicographic(["freeness"]).select(cands, None) is a  # tie keeps order
     assert Lexicographic(["freeness", "queue_size"]).select(cands, None) is b

@@ -33,8 +33,24 @@ def test_queued_demand_all_vs_head_of_line():
         "a", num_free_blocks=60, num_running=2, num_waiting=2,
         hol_demand_blocks=30, waiting_demand_blocks=50,
     )  # fmt: skip
-    assert Freeness("all").evaluate(s, NO_PENDING) == pytest.approx((60 - 50) / 2)
-    assert MigrationFreeness().evaluate(s, NO_PENDING) == pytest.approx((60 - 30) / 2)
+    # the queued requests whose demand counts are in the batch too (Llumnix's remaining_steps):
+    # dispatch counts both queued requests, rescheduling the head of line
+    assert Freeness("all").evaluate(s, NO_PENDING) == pytest.approx((60 - 50) / 4)
+    assert MigrationFreeness().evaluate(s, NO_PENDING) == pytest.approx((60 - 30) / 3)
+
+
+def test_a_queue_or_a_burst_of_dispatches_divides_freeness():
+    # same free blocks per running request, but "a" has 4 requests queued or in flight: it
+    # must not look as free as "b" (else a burst herds onto it)
+    a = make_status("a", num_free_blocks=80, num_running=2, num_waiting=2, waiting_demand_blocks=0)
+    b = make_status("b", num_free_blocks=80, num_running=2)
+    m = Freeness()
+    assert m.evaluate(a, NO_PENDING) == pytest.approx(20)
+    assert m.evaluate(b, NO_PENDING) == pytest.approx(40)
+    assert m.evaluate(b, PendingLoad(num_requests=2, blocks=0)) == pytest.approx(20)
+    idle = make_status("c", num_free_blocks=80)
+    assert m.evaluate(idle, PendingLoad(num_requests=1, blocks=10)) == pytest.approx(70)
+    assert m.evaluate(idle, PendingLoad(num_requests=2, blocks=10)) == pytest.approx(35)
 
 
 def test_blocked_head_of_line_makes_freeness_negative():
@@ -56,7 +72,7 @@ def test_pending_load_counts_and_bypasses_cache():
     m = Freeness()
     assert m.evaluate(s, NO_PENDING) == pytest.approx(20)
     p = PendingLoad(num_requests=1, blocks=30, prefill_tokens=400)
-    assert m.evaluate(s, p) == pytest.approx(10)
+    assert m.evaluate(s, p) == pytest.approx(30 / 4)
     assert PrefillTokens().evaluate(s, p) == 400
     assert QueueSize().evaluate(s, p) == 1
     assert NumRequests().evaluate(s, p) == 4

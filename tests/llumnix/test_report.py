@@ -2,7 +2,16 @@ import math
 
 import pytest
 
-from llumnix.sim.experiments import SERVING_RATES, ExperimentSpec, Run, count_requests, expand
+from llumnix.sim.experiments import (
+    AUTOSCALE_BANDS,
+    INFAAS_AUTOSCALE_BANDS,
+    SERVING_RATES,
+    ExperimentSpec,
+    Run,
+    autoscale_bands,
+    count_requests,
+    expand,
+)
 from llumnix.sim.metrics import LatencyStats, SimResult
 from llumnix.sim.report import autoscale_claims, cost_at, serving_claims, table
 
@@ -58,11 +67,15 @@ def test_spec_expansion_counts_every_run():
     assert len(points) == (2 + 4) * 4 == count_requests(spec) // 10
     auto = ExperimentSpec(family="autoscale", traces=["M-M"], rates={"M-M": [1.0]},
                           policies=["llumnix"], num_requests=10)  # fmt: skip
-    assert len(list(expand(auto))) == count_requests(auto) // 10 == 7
+    assert len(list(expand(auto))) == count_requests(auto) // 10 == len(AUTOSCALE_BANDS)
     both = ExperimentSpec(family="autoscale", traces=["M-M"], rates={"M-M": [1.0]},
                           policies=["infaas++", "llumnix"], num_requests=10)  # fmt: skip
     cfgs = [(run.policy, cfg) for run, cfg, _ in expand(both)]
-    assert len(cfgs) == count_requests(both) // 10 == 14
+    assert (
+        len(cfgs)
+        == count_requests(both) // 10
+        == len(AUTOSCALE_BANDS) + len(INFAAS_AUTOSCALE_BANDS)
+    )
     # each system scales on its own load metric
     for policy, cfg in cfgs:
         assert cfg.rescheduler is not None and cfg.rescheduler.autoscale is not None
@@ -77,3 +90,15 @@ def test_serving_family_defaults_to_the_papers_rates():
         ("sharegpt", r) for r in SERVING_RATES["sharegpt"]
     ]
     assert SERVING_RATES["M-M"] == [7.4, 7.6, 7.8, 8.0]  # Figure 10
+
+
+def test_autoscale_bands_sweep_from_lean_to_generous():
+    # each sweep must run from bands that under-provision (cheap, P99 above the floor) to bands
+    # generous enough that P99 stops improving, so both cost-vs-P99 frontiers reach the floor
+    for policy in ("infaas++", "llumnix"):
+        bands = autoscale_bands(policy)
+        assert all(lo < hi for lo, hi in bands)
+        assert [lo for lo, _ in bands] == sorted({lo for lo, _ in bands})
+        assert [hi for _, hi in bands] == sorted(hi for _, hi in bands)
+    assert autoscale_bands("infaas++")[-1][0] >= 0.5  # half the KV kept free before scaling out
+    assert autoscale_bands("llumnix")[0][0] <= 0  # scale out only when queued demand > free

@@ -173,3 +173,16 @@ def test_loop_runs_cycles_on_its_thread_until_stopped():
     assert two.wait(5.0)
     loop.stop()
     assert loop.cycles >= 2 and [(p.src, p.dst) for p in plans[0].pairs] == [("a", "b")]
+
+
+def test_autoscaler_pooled_freeness_counts_queued_requests_in_the_batch():
+    # queued requests add their demand to the usage and themselves to the batch, as in
+    # Llumnix's remaining_steps load: (100 - 20 + 200) / (4 + 2 + 4)
+    cfg = AutoscaleConfig(scale_out_below=10, scale_in_above=60)
+    view = make_view(
+        make_status(
+            "a", num_free_blocks=100, num_running=4, num_waiting=2, waiting_demand_blocks=20
+        ),
+        make_status("b", num_free_blocks=200, num_running=4),
+    )
+    assert Autoscaler(cfg).average(view.status_list()) == pytest.approx(280 / 10)

@@ -189,3 +189,20 @@ def test_priority_queue_puts_high_priority_ahead_of_normal():
         inst.enqueue(r)
     assert [r.request_id for r in inst.waiting] == ["h1", "h2", "n1", "n2"]
     assert inst.status(0.0).num_high_priority == 2
+
+
+def test_requests_in_the_prefill_step_are_reported_as_running():
+    """vLLM moves a request to its running queue when it schedules its prefill: a report sent
+    while the prefill step runs counts it as running, not as queued and not as absent."""
+    inst = SimInstance("i", SMALL)
+    inst.enqueue(req("a", 8, 3))
+    inst.enqueue(req("b", 8, 3))
+    assert inst.status(0.0).num_running == 0 and inst.status(0.0).num_waiting == 2
+    dur = inst.start_step(0.0)
+    assert dur is not None
+    mid = inst.status(0.0)
+    assert (mid.num_running, mid.num_waiting) == (2, 0)
+    assert mid.num_free_blocks == 10 - 2 * 2
+    inst.finish_step(dur)
+    after = inst.status(dur)
+    assert (after.num_running, after.num_waiting) == (2, 0)
