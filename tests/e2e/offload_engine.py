@@ -1,5 +1,6 @@
-"""Helpers of the store offload tests: an engine process that can also reset its prefix cache
-and flush its connector's saves, and a redis-server on a free loopback port."""
+"""Helpers of the store offload tests: an engine process that can also reset its prefix cache,
+flush its connector's saves, digest its cached KV and name its blocks' hashes, and a tier that
+loses every chunk."""
 
 from __future__ import annotations
 
@@ -56,6 +57,21 @@ class _OffloadHandlers(vllm_engine._Handlers):
             out.append(digest.hexdigest())
         return out
 
+    def block_hashes(self, prompt: list[int], block_size: int) -> list[str]:
+        """vLLM's chained hashes (hex) of the full blocks of ``prompt``: with the store's
+        namespace tag in front, the keys of their chunks."""
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import hash_block_tokens
+
+        out: list[str] = []
+        parent = None
+        for i in range(len(prompt) // block_size):
+            parent = hash_block_tokens(
+                sha256, parent, prompt[i * block_size : (i + 1) * block_size]
+            )
+            out.append(bytes(parent).hex())
+        return out
+
     def flush_store(self, timeout: float) -> bool:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
@@ -76,8 +92,8 @@ def _serve(conn: Any, model: str, block_size: int, kv_transfer_config: dict | No
 
 
 class OffloadEngineProcess(EngineProcess):
-    """An :class:`EngineProcess` whose engine also serves ``reset_prefix_cache`` and
-    ``flush_store``."""
+    """An :class:`EngineProcess` whose engine also serves ``reset_prefix_cache``,
+    ``kv_digests``, ``block_hashes`` and ``flush_store``."""
 
     def __init__(
         self, model: Path, *, block_size: int = 32, kv_transfer_config: dict | None = None

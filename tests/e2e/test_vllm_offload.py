@@ -7,7 +7,8 @@ from disk; engine C (a new process with an empty disk directory) is served from 
 run produces the tokens of A's first run, the loaded blocks hold the KV A computed, and vLLM
 counts the loaded tokens as cached (their prefill is skipped). Engine D's tier loses every
 chunk between lookup and load: the failed blocks are recomputed. Engine A also prefills for C
-(pd+store): C reads the full blocks from Redis and only the rest from A.
+(pd+store): C reads the full blocks from Redis and only the rest from A. A chunk file corrupted
+on disk is rejected by its checksum and its blocks are recomputed, never loaded.
 
 The first tests check the engine-agnostic core (:mod:`llumnix_kv.connector.offload`) on host
 tensors, without engines.
@@ -15,6 +16,7 @@ tensors, without engines.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import random
 from collections.abc import Iterator
@@ -33,9 +35,10 @@ from llumnix_kv.connector.offload import (
     parse_store_config,
     release_stack,
 )
-from llumnix_kv.errors import InvalidArgumentError
+from llumnix_kv.errors import CorruptionError, InvalidArgumentError
 from llumnix_kv.layout import vllm_cpu
-from llumnix_kv.store import create_tier
+from llumnix_kv.store import create_tier, record
+from llumnix_kv.store.disk import file_name
 from tests.e2e.offload_engine import OffloadEngineProcess
 from tests.e2e.vllm_engine import connector_config, write_model
 from tests.redis_server import REDIS_SERVER, RedisProcess
@@ -46,6 +49,7 @@ try:
     ENGINES_MISSING = ""
 except Exception as exc:  # a broken install raises more than ImportError
     ENGINES_MISSING = f"vllm is not importable: {exc}"
+needs_vllm = pytest.mark.skipif(bool(ENGINES_MISSING), reason=ENGINES_MISSING)
 if not ENGINES_MISSING and REDIS_SERVER is None:
     ENGINES_MISSING = "redis-server is not installed"
 if not ENGINES_MISSING and importlib.util.find_spec("redis") is None:
@@ -337,6 +341,113 @@ def test_offload_cpu_disk_redis(model: Path, redis_server: RedisProcess, tmp_pat
         check_failed_loads_recomputed(d, batch, want)
         b.ready()
         check_served(b, batch, want, want_kv, "disk")
+    finally:
+        for proc in started:
+            proc.request_exit()
+        for proc in started:
+            proc.stop()
+
+
+# ---------------------------------------------------------------- a corrupted disk chunk
+
+CORRUPT_NAMESPACE = "corrupt-chunk-test"
+
+
+def disk_store_config(disk: Path, policy: str) -> dict[str, Any]:
+    return connector_config(
+        "kv_both",
+        policy=policy,
+        store={
+            "tiers": [
+                {"name": "cpu", "capacity_bytes": 64 << 20},
+                {"name": "disk", "path": str(disk), "capacity_bytes": 256 << 20, "fsync": False},
+            ],
+            "namespace": CORRUPT_NAMESPACE,
+        },
+    )
+
+
+def flip_middle(path: Path, nbytes: int = 16) -> None:
+    """Inverts ``nbytes`` bytes in the middle of ``path``; its size is unchanged."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + nbytes] = bytes(b ^ 0xFF for b in data[mid : mid + nbytes])
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+@needs_vllm
+def test_corrupted_disk_chunk_is_recomputed(model: Path, tmp_path: Path) -> None:
+    """Engine A saves the prompts' blocks to disk; one chunk file is then corrupted in place
+    (same size). Engine B, a new process with an empty host-memory tier on A's directory,
+    loads the prompts from disk: the disk tier's checksum rejects the corrupted chunk (a miss),
+    the connector reports it and every later block of its prompt as failed, and vLLM
+    recomputes them (kv_load_failure_policy="recompute"): the outputs are A's, every block
+    holds A's KV (loaded before the corrupted block, recomputed from it on), the corrupted
+    block does not hold the corrupted bytes, and the recomputed blocks are saved again."""
+    batch = prompts(21)
+    victim = len(batch) - 1  # the 130-token prompt: four full blocks
+    bad = 1  # its second block; blocks 1..3 cannot be loaded (a prefix is contiguous)
+    disk = tmp_path / "disk"
+    started: list[OffloadEngineProcess] = []
+    try:
+        a = OffloadEngineProcess(
+            model, block_size=BLOCK, kv_transfer_config=disk_store_config(disk, "fail")
+        )
+        started.append(a)
+        a.ready()
+        first = run(a, batch)
+        want = [o["token_ids"] for o in first]
+        want_kv = digests(a, batch)
+        assert a.call("flush_store", DEADLINE_S)
+        assert a.call("counters")["store_chunks_saved"] == FULL_BLOCKS
+        hashes = a.call("block_hashes", batch[victim], BLOCK)
+        a.stop()  # releases the disk directory for B
+
+        key = namespace_tag(CORRUPT_NAMESPACE) + bytes.fromhex(hashes[bad])
+        chunk = disk / file_name(key)
+        size = chunk.stat().st_size
+        payload = bytes(record.decode(chunk.read_bytes(), key))
+        # A chunk is the block's KV in the order kv_digests hashes it: loading these bytes
+        # would give the block this digest.
+        assert hashlib.sha256(payload).hexdigest() == want_kv[victim][bad]
+        flip_middle(chunk)
+        assert chunk.stat().st_size == size
+        with pytest.raises(CorruptionError):
+            record.decode(chunk.read_bytes(), key)
+        corrupted = chunk.read_bytes()[record.HEADER.size + len(key) :]
+        corrupted_digest = hashlib.sha256(corrupted).hexdigest()
+        assert corrupted_digest != want_kv[victim][bad]
+
+        b = OffloadEngineProcess(
+            model, block_size=BLOCK, kv_transfer_config=disk_store_config(disk, "recompute")
+        )
+        started.append(b)
+        b.ready()
+        before = b.call("counters")
+        outs = run(b, batch)
+        after = b.call("counters")
+        assert [o["token_ids"] for o in outs] == want
+        # The corrupted chunk is a disk miss (the other chunks are hits); its block and the
+        # blocks after it in its prompt failed, every other block was loaded.
+        lost = len(batch[victim]) // BLOCK - bad
+        assert delta(after, before, "store_hits_disk") == FULL_BLOCKS - 1
+        assert delta(after, before, "store_blocks_failed") == lost
+        assert delta(after, before, "store_blocks_loaded") == FULL_BLOCKS - lost
+        assert delta(after, before, "store_tokens_loaded") == sum(
+            expected_cached(len(p)) for i, p in enumerate(batch) if i != victim
+        )
+        # Every block holds A's KV: loaded, or recomputed (same kernels, same values) for the
+        # corrupted block and those after it; never the corrupted bytes.
+        got_kv = digests(b, batch)
+        assert got_kv == want_kv
+        assert got_kv[victim][bad] != corrupted_digest
+        # The disk tier dropped the corrupted file; the recomputed blocks were saved again, so
+        # the chunk is back, valid and holding A's KV.
+        assert b.call("flush_store", DEADLINE_S)
+        assert bytes(record.decode(chunk.read_bytes(), key)) == payload
+        drained = b.call("drain", DEADLINE_S)
+        assert drained["requests"] == 0 and drained["free_blocks"] == drained["total_blocks"]
     finally:
         for proc in started:
             proc.request_exit()
