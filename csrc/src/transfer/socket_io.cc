@@ -28,8 +28,6 @@ Status FromErrno(const char* what) {
   return Status(Status::Code::kInternal, msg);
 }
 
-constexpr int kSocketBuffer = 8 << 20;
-
 Status Resolve(const std::string& host, int port, sockaddr_storage* addr, socklen_t* len) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -176,9 +174,6 @@ Status Listen(const std::string& host, int* port, int* out) {
 void Tune(int fd) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  int buf = kSocketBuffer;
-  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
-  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
 }
 
 void CloseQuietly(int fd) {
