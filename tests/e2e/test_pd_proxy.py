@@ -304,6 +304,39 @@ def test_streaming_through_proxy(cluster: Cluster) -> None:
     assert streamed == tokens_of(prefill, completion_body(cluster, prompt))
 
 
+def test_push_mode_through_proxy(cluster: Cluster, tmp_path: Path) -> None:
+    """``--mode push``: the proxy probes the prefill's endpoint, sends both requests at once,
+    and the prefill writes the KV into the decode's blocks (counted by the connector's push
+    metric on the prefill); outputs equal a single instance's."""
+    prefill, decode = cluster.prefill, cluster.decode
+    port = free_port()
+    proxy = spawn(
+        "push-proxy", proxy_args(port, prefill.url, decode.url, mode="push"), port, tmp_path
+    )
+    try:
+        proxy.wait_healthy(time.monotonic() + 30)
+        batch = prompts(3, PROMPT_LENGTHS)
+        external_before = metric(decode, EXTERNAL_METRIC)
+        pushes_before = metric(prefill, PUSHES_METRIC)
+        got = [tokens_of(proxy, completion_body(cluster, p)) for p in batch]
+        external = metric(decode, EXTERNAL_METRIC) - external_before
+        assert external >= sum(n - 1 for n in PROMPT_LENGTHS), external
+        # Each push is counted when the prefill frees its blocks, a step after the decode
+        # got its data.
+        deadline = time.monotonic() + 30
+        while metric(prefill, PUSHES_METRIC) - pushes_before < len(batch):
+            assert time.monotonic() < deadline, "pushes not counted on the prefill"
+            time.sleep(0.2)
+        assert metric(prefill, PUSHES_METRIC) - pushes_before == len(batch)
+        want = [tokens_of(prefill, completion_body(cluster, p)) for p in batch]
+        assert got == want
+        # (After the reference requests: an engine that went idle right after freeing the
+        # pushed blocks may not have published that step's usage yet.)
+        wait_prefill_blocks_free(prefill)
+    finally:
+        proxy.stop()
+
+
 def test_upstream_errors(cluster: Cluster, tmp_path: Path) -> None:
     """Runs last: its prefill requests whose decode fails keep their blocks on the prefill
     instance until the hold deadline (send_timeout_s)."""
@@ -338,36 +371,3 @@ def test_upstream_errors(cluster: Cluster, tmp_path: Path) -> None:
             assert status == 502 and "decode instance" in out["error"]["message"], out
     finally:
         broken.stop()
-
-
-def test_push_mode_through_proxy(cluster: Cluster, tmp_path: Path) -> None:
-    """``--mode push``: the proxy probes the prefill's endpoint, sends both requests at once,
-    and the prefill writes the KV into the decode's blocks (counted by the connector's push
-    metric on the prefill); outputs equal a single instance's."""
-    prefill, decode = cluster.prefill, cluster.decode
-    port = free_port()
-    proxy = spawn(
-        "push-proxy", proxy_args(port, prefill.url, decode.url, mode="push"), port, tmp_path
-    )
-    try:
-        proxy.wait_healthy(time.monotonic() + 30)
-        batch = prompts(3, PROMPT_LENGTHS)
-        external_before = metric(decode, EXTERNAL_METRIC)
-        pushes_before = metric(prefill, PUSHES_METRIC)
-        got = [tokens_of(proxy, completion_body(cluster, p)) for p in batch]
-        external = metric(decode, EXTERNAL_METRIC) - external_before
-        assert external >= sum(n - 1 for n in PROMPT_LENGTHS), external
-        # Each push is counted when the prefill frees its blocks, a step after the decode
-        # got its data.
-        deadline = time.monotonic() + 30
-        while metric(prefill, PUSHES_METRIC) - pushes_before < len(batch):
-            assert time.monotonic() < deadline, "pushes not counted on the prefill"
-            time.sleep(0.2)
-        assert metric(prefill, PUSHES_METRIC) - pushes_before == len(batch)
-        want = [tokens_of(prefill, completion_body(cluster, p)) for p in batch]
-        assert got == want
-        # (After the reference requests: an engine that went idle right after freeing the
-        # pushed blocks may not have published that step's usage yet.)
-        wait_prefill_blocks_free(prefill)
-    finally:
-        proxy.stop()
