@@ -194,6 +194,7 @@ class PdPusher:
         self._pushes: dict[str, _Push] = {}  # by transfer id
         self._by_request: dict[str, str] = {}  # request id -> transfer id
         self._early: dict[str, tuple[float, PushReady | None]] = {}  # ready/abort before track
+        self._untracked: list[str] = []  # finished, never tracked: nothing to wait for
         self.pushes_done = 0
         self.pushes_failed = 0
         self.layer_batches = 0  # WRITEs sent right after a layer's attention ran
@@ -308,6 +309,7 @@ class PdPusher:
         blocks no longer hold its KV and the decode must not use what was sent)."""
         transfer_id = self._by_request.get(request_id)
         if transfer_id is None:
+            self._untracked.append(request_id)  # no step ran: nothing was sent
             return
         push = self._pushes[transfer_id]
         push.finished, push.hold_deadline = True, time.monotonic() + hold_s
@@ -317,7 +319,7 @@ class PdPusher:
     def poll(self) -> list[str]:
         """Finished requests whose blocks may be freed now."""
         now = time.monotonic()
-        released = []
+        released, self._untracked = self._untracked, []
         for push in list(self._pushes.values()):
             self._progress(push, now)
             if self._settled(push, now):

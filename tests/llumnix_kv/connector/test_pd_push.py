@@ -167,6 +167,13 @@ def test_abort_before_ready_frees_at_once(pair: Pair) -> None:
     assert pair.released == ["p3"] and pair.pusher.holds_expired == 0
 
 
+def test_finish_of_an_untracked_request_releases_at_once(pair: Pair) -> None:
+    """A request vLLM holds for a push that never ran a step here: nothing to wait for."""
+    pair.pusher.finish("never-stepped", 30.0, ok=False)
+    assert pair.pusher.poll() == ["never-stepped"]
+    assert pair.pusher.poll() == []
+
+
 def test_hold_expires_without_ready(pair: Pair) -> None:
     pair.step("p4", "t4", 64)
     pair.pusher.finish("p4", 0.2, ok=True)
