@@ -204,11 +204,17 @@ class StoreStack:
         return True
 
     def stats(self) -> dict[str, int]:
+        """Stack totals, plus each tier's own counters as ``store_<tier>_<counter>`` (e.g.
+        ``store_disk_corrupt``: chunks that failed their check and were dropped)."""
         with self._lock:
             out = {f"store_hits_{name}": n for name, n in self.hits.items()}
             out["store_chunks_saved"] = self.chunks_saved
             out["store_save_errors"] = self.save_errors
             out["store_saves_pending"] = len(self._pending)
+        for name, tier in self.tiers:
+            for key, value in tier.stats().items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    out[f"store_{name}_{key}"] = value
         return out
 
     def close(self, timeout: float = 30.0) -> None:

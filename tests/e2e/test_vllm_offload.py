@@ -432,6 +432,7 @@ def test_corrupted_disk_chunk_is_recomputed(model: Path, tmp_path: Path) -> None
         # blocks after it in its prompt failed, every other block was loaded.
         lost = len(batch[victim]) // BLOCK - bad
         assert delta(after, before, "store_hits_disk") == FULL_BLOCKS - 1
+        assert delta(after, before, "store_disk_corrupt") == 1  # the tier's own check
         assert delta(after, before, "store_blocks_failed") == lost
         assert delta(after, before, "store_blocks_loaded") == FULL_BLOCKS - lost
         assert delta(after, before, "store_tokens_loaded") == sum(
