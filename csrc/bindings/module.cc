@@ -17,6 +17,7 @@
 #include "llumnix_kv/plan.h"
 #include "llumnix_kv/status.h"
 #include "llumnix_kv/transfer/engine.h"
+#include "llumnix_kv/transfer/raw_socket.h"
 
 namespace py = pybind11;
 using namespace llumnix_kv;
@@ -373,6 +374,55 @@ PYBIND11_MODULE(_C, m) {
   m.def("ucx_compiled", [] { return false; });
   m.def("ucx_build_info", [] { return std::string(); });
 #endif
+
+  // The plain-socket baseline of `llumnix-kv bench` (llumnix_kv/transfer/raw_socket.h).
+  m.def(
+      "raw_socket_listen",
+      [](const std::string& host) {
+        int fd = -1, port = 0;
+        Check(rawsock::Listen(host, &fd, &port));
+        return std::make_pair(fd, port);
+      },
+      py::arg("host") = "127.0.0.1");
+  m.def(
+      "raw_socket_serve",
+      [](int fd, int streams, uint64_t base, uint64_t span, double timeout_s) {
+        Status st;
+        {
+          py::gil_scoped_release release;
+          st = rawsock::Serve(fd, streams, base, span, timeout_s);
+        }
+        Check(st);
+      },
+      py::arg("fd"), py::arg("streams"), py::arg("base"), py::arg("span"),
+      py::arg("timeout_s") = 60.0);
+  py::class_<rawsock::Sender>(m, "RawSocketSender")
+      .def(py::init([](const std::string& host, int port, int streams, double timeout_s) {
+             std::unique_ptr<rawsock::Sender> s;
+             Check(rawsock::Sender::Connect(host, port, streams, timeout_s, &s));
+             return s;
+           }),
+           py::arg("host"), py::arg("port"), py::arg("streams") = 1, py::arg("timeout_s") = 60.0)
+      .def(
+          "send",
+          [](rawsock::Sender& s, const U64Array& local, const U64Array& offset,
+             const U64Array& lens) {
+            if (local.size() != offset.size() || local.size() != lens.size()) {
+              Check(Status::InvalidArgument("local, offset and lens differ in length"));
+            }
+            std::vector<rawsock::Piece> pieces(local.size());
+            for (py::ssize_t i = 0; i < local.size(); ++i) {
+              pieces[i] = {local.data()[i], offset.data()[i], lens.data()[i]};
+            }
+            Status st;
+            {
+              py::gil_scoped_release release;
+              st = s.Send(pieces);
+            }
+            Check(st);
+          },
+          py::arg("local"), py::arg("offset"), py::arg("lens"))
+      .def("close", &rawsock::Sender::Close);
 
   // Device memory helpers for tests and benchmarks that run without a CUDA build of torch.
   m.def(

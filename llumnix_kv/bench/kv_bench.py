@@ -22,9 +22,10 @@ import contextlib
 import csv
 import ctypes
 import json
+import mmap
 import multiprocessing as mp
 import os
-import socket
+import random
 import statistics
 import sys
 import time
@@ -54,6 +55,8 @@ KiB, MiB = 1 << 10, 1 << 20
 BLOCK_SIZES = (16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
 BATCH_BYTES = 32 * MiB
 REQUEST_TOKENS = (16, 256, 1024, 4096, 32768)
+# The block sweep moves n = max(16, BATCH_BYTES // block) blocks among the first 2n of a pool.
+BLOCK_SPAN = max(2 * max(16, BATCH_BYTES // b) * b for b in BLOCK_SIZES)
 TIME_PER_ROW_S = 0.6  # each row repeats until about this long (3..50 batches)
 
 
@@ -88,6 +91,7 @@ class Config:
     seed: int
     progress: bool
     device: int  # -1: host memory; >= 0: CUDA device of both pools
+    row_seconds: float = TIME_PER_ROW_S
 
 
 def _human(n: int) -> str:
@@ -101,23 +105,58 @@ def _stats(times: list[float], nbytes: int) -> tuple[float, float, float, float]
     return nbytes * len(times) / sum(times) / 1e9, statistics.fmean(ms), statistics.median(ms), p99
 
 
-def _repeat(run: Callable[[], None]) -> list[float]:
-    """Per-call seconds: one warm-up, then enough calls for ~TIME_PER_ROW_S (2 to 50)."""
+def _repeat(run: Callable[[], None], seconds: float = TIME_PER_ROW_S) -> list[float]:
+    """Per-call seconds: one warm-up, then enough calls for about `seconds` (2 to 50)."""
     t0 = time.perf_counter()
     run()
     first = time.perf_counter() - t0
     times = []
-    for _ in range(int(min(50, max(2, TIME_PER_ROW_S / max(first, 1e-6))))):
+    for _ in range(int(min(50, max(2, seconds / max(first, 1e-6))))):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
     return times
 
 
-def memcpy_ceiling(nbytes: int, device: int = -1) -> list[float]:
-    """One memcpy of ``nbytes`` (at most 512 MiB, as bandwidth is flat past that) in one
-    process: host buffers both written first (so no page is a shared zero page), or a
-    device-to-device cudaMemcpy when ``device >= 0``."""
+def _interleaved(
+    runs: dict[Any, Callable[[], None]], seconds: float = TIME_PER_ROW_S
+) -> dict[Any, list[float] | str]:
+    """Per-batch seconds of each run, measured in rounds of one batch of every run, so that a
+    slow spell of the machine (a busy neighbour, a daemon waking up) falls on a row and on its
+    baseline alike instead of on whichever happened to be running; the order within a round is
+    shuffled. One warm-up batch each, then as many rounds as fit in about `seconds` per run
+    (3 to 50). A run that cannot move this memory gets the reason instead of times."""
+    first: dict[Any, float] = {}
+    out: dict[Any, list[float] | str] = {}
+    for key, run in runs.items():
+        t0 = time.perf_counter()
+        try:
+            run()
+        except UnsupportedError as exc:
+            out[key] = f"unsupported: {exc}"
+            continue
+        first[key] = time.perf_counter() - t0
+        out[key] = []
+    if not first:
+        return out
+    rounds = int(min(50, max(3, seconds * len(first) / max(sum(first.values()), 1e-6))))
+    keys = list(first)
+    order = random.Random(len(keys))
+    for _ in range(rounds):
+        order.shuffle(keys)  # no run always follows the same one (and its leftover work)
+        for key in keys:
+            t0 = time.perf_counter()
+            runs[key]()
+            out[key].append(time.perf_counter() - t0)  # type: ignore[union-attr]
+    return out
+
+
+@contextlib.contextmanager
+def memcpy_batch(nbytes: int, device: int = -1) -> Iterator[tuple[Callable[[], None], float]]:
+    """The ceiling: one memcpy of ``nbytes`` in one process. Yields the copy and the factor from
+    its time to that of ``nbytes`` (it copies at most 512 MiB, as bandwidth is flat past that).
+    Host buffers are both written first (so no page is a shared zero page); with
+    ``device >= 0`` it is a device-to-device cudaMemcpy."""
     n = min(nbytes, 512 * MiB)
     if device >= 0:
         a, b = _C.cuda_malloc(n, device), _C.cuda_malloc(n, device)
@@ -127,7 +166,7 @@ def memcpy_ceiling(nbytes: int, device: int = -1) -> list[float]:
                 _C.cuda_memcpy_async(b, a, n, 0)
                 _C.cuda_synchronize(0)
 
-            times = _repeat(copy)
+            yield copy, nbytes / n
         finally:
             _C.cuda_free(a)
             _C.cuda_free(b)
@@ -137,75 +176,66 @@ def memcpy_ceiling(nbytes: int, device: int = -1) -> list[float]:
         def host_copy() -> None:
             ctypes.memmove(hb.ctypes.data, ha.ctypes.data, n)
 
-        times = _repeat(host_copy)
-    return [t * nbytes / n for t in times]
+        yield host_copy, nbytes / n
 
 
-# The tcp transport's socket settings (csrc/src/transfer/socket_io.cc, Tune). The raw-socket
-# ceiling runs with them and with the kernel's defaults, and keeps the faster of the two.
-SOCKET_BUFFER = 8 << 20
-SOCKET_SETTINGS = {True: "TCP_NODELAY, 8 MiB buffers", False: "kernel default socket options"}
+def memcpy_ceiling(nbytes: int, device: int = -1, seconds: float = TIME_PER_ROW_S) -> list[float]:
+    """Per-batch seconds of memcpy_batch, repeated."""
+    with memcpy_batch(nbytes, device) as (copy, scale):
+        return [t * scale for t in _repeat(copy, seconds)]
 
 
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+Pieces = list[tuple[int, int, int]]  # (source offset, destination offset, bytes)
 
 
-def _socket_sink(port_conn: Any, sizes: list[int], tuned: bool) -> None:
-    srv = socket.create_server(("127.0.0.1", 0))
-    port_conn.send(srv.getsockname()[1])
-    conn, _ = srv.accept()
-    if tuned:
-        _tune(conn)
-    buf = bytearray(max(sizes))
-    view = memoryview(buf)
-    with conn:
-        while True:
-            head = conn.recv(8, socket.MSG_WAITALL)
-            if len(head) < 8:
-                return
-            left = int.from_bytes(head, "little")
-            while left > 0:
-                got = conn.recv_into(view[: min(left, len(buf))])
-                if got == 0:
-                    return
-                left -= got
-            conn.sendall(b"k")
+def _socket_sink(port_conn: Any, streams: int) -> None:
+    """The receiving process of raw_socket."""
+    fd, port = _C.raw_socket_listen("127.0.0.1")
+    # The bytes land in the same kind of memory as the bench peer's pool (a memfd mapping,
+    # TransferEngine.alloc_shared), written beforehand, at distinct addresses as a transfer's
+    # do (a sink that reused one small buffer would copy into cache).
+    mem_fd = os.memfd_create("llumnix-kv-raw-sink", os.MFD_CLOEXEC)
+    os.ftruncate(mem_fd, BLOCK_SPAN)
+    mem = mmap.mmap(mem_fd, BLOCK_SPAN)
+    os.close(mem_fd)
+    with mem:
+        buf = np.frombuffer(mem, np.uint8)
+        buf[:] = 1
+        port_conn.send(port)
+        _C.raw_socket_serve(fd, streams, buf.ctypes.data, BLOCK_SPAN, 60.0)
+        del buf
 
 
 @contextlib.contextmanager
-def raw_socket(tuned: bool = True) -> Iterator[Callable[[int], list[float]]]:
-    """Raw-socket loopback between two processes: the TCP ceiling. Yields a function that
-    times sending n bytes (plus a 1-byte ack); ``tuned``: the tcp transport's socket options
-    on both ends, else the kernel's defaults."""
+def raw_socket(streams: int = 1) -> Iterator[Callable[[Pieces], Callable[[], None]]]:
+    """Raw-socket loopback between two processes: the TCP baseline (C++, llumnix_kv/transfer/
+    raw_socket.h: per stream one gather send and one scatter receive, no protocol beyond a
+    table of where the pieces land). Yields a function that, for pieces (source offset,
+    destination offset, bytes) inside BLOCK_SPAN, gives one batch moving them from this
+    process's memory into the other's over ``streams`` connections at once."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    limit = 512 * MiB
-    proc = ctx.Process(target=_socket_sink, args=(child, [limit], tuned), daemon=True)
+    proc = ctx.Process(target=_socket_sink, args=(child, streams), daemon=True)
     proc.start()
     try:
         if not parent.poll(60):
             raise TimeoutError("socket sink did not start")
-        sock = socket.create_connection(("127.0.0.1", parent.recv()), timeout=60)
-        if tuned:
-            _tune(sock)
-        payload = np.full(limit, 3, np.uint8)
+        sender = _C.RawSocketSender("127.0.0.1", parent.recv(), streams)
+        payload = np.full(BLOCK_SPAN, 3, np.uint8)
 
-        def send(n: int) -> list[float]:
-            m = min(n, limit)
-            view = memoryview(payload.data)[:m]
+        def batch(pieces: Pieces) -> Callable[[], None]:
+            table = np.array(pieces, np.uint64).reshape(-1, 3)
+            if np.any(table[:, :2] + table[:, 2:] > BLOCK_SPAN):
+                raise ValueError(f"raw socket pieces must lie in {BLOCK_SPAN} bytes")
+            local = payload.ctypes.data + table[:, 0]
+            offset, lens = table[:, 1].copy(), table[:, 2].copy()
+            return lambda: sender.send(local, offset, lens)
 
-            def once() -> None:
-                sock.sendall(m.to_bytes(8, "little"))
-                sock.sendall(view)
-                sock.recv(1)
-
-            return [t * n / m for t in _repeat(once)]
-
-        with sock:
-            yield send
+        try:
+            yield batch
+        finally:
+            sender.close()  # the sink returns once its connections close
+        proc.join(10)
     finally:
         proc.kill()
         proc.join(10)
@@ -270,59 +300,68 @@ class Bench:
     def threads(self, transport: str) -> int:
         return self.cfg.tcp_streams if transport == "tcp" else kv.build_info()["cpu_threads"]  # type: ignore[return-value]
 
-    def time_batches(self, peer: Peer, op: str, segs: tuple[np.ndarray, ...]) -> list[float] | str:
-        """Per-batch seconds, or why the transport cannot run this (device memory over a
-        transport that only moves host memory)."""
+    def batch(self, peer: Peer, op: str, segs: tuple[np.ndarray, ...]) -> Callable[[], None]:
+        """One batch moving ``segs`` to or from ``peer``; it raises UnsupportedError when the
+        transport cannot move this memory (device memory over a host-only transport)."""
 
         def once() -> None:
             self.engine.submit(peer, op, *segs).wait(120)
 
+        return once
+
+    def time_batches(self, peer: Peer, op: str, segs: tuple[np.ndarray, ...]) -> list[float] | str:
+        """Per-batch seconds, or why the transport cannot run this."""
         try:
-            return _repeat(once)
+            return _repeat(self.batch(peer, op, segs), self.cfg.row_seconds)
         except UnsupportedError as exc:
             return f"unsupported: {exc}"
 
 
 def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None:
+    """Per block size: the ceilings and every transport and op, measured interleaved (see
+    _interleaved); then the peers, each in its own processes."""
     cfg = bench.cfg
     rng = np.random.default_rng(cfg.seed)
-    with raw_socket(tuned=True) as tuned_send, raw_socket(tuned=False) as plain_send:
+    streams = cfg.tcp_streams
+    with raw_socket(streams) as raw:
         for block in BLOCK_SIZES:
             n = max(16, BATCH_BYTES // block)
             nbytes = n * block
             label = _human(block)
-            rows.append(
-                _row(
-                    "blocks",
-                    "memcpy (ceiling)",
-                    "-",
-                    label,
-                    nbytes,
-                    1,
-                    1,
-                    memcpy_ceiling(nbytes, cfg.device),
-                )
-            )
-            # The faster of the two socket settings (by mean batch time) is the ceiling.
-            runs = {
-                tuned: send(nbytes) for tuned, send in ((True, tuned_send), (False, plain_send))
-            }
-            best = min(runs, key=lambda tuned: float(np.mean(runs[tuned])))
-            row = _row("blocks", "raw socket (tcp ceiling)", "-", label, nbytes, 1, 1, runs[best])
-            row.note = SOCKET_SETTINGS[best]
-            rows.append(row)
-            tick()
             src_ids = rng.permutation(2 * n)[:n].astype(np.uint64)
             dst_ids = rng.permutation(2 * n)[:n].astype(np.uint64)
+            same = [
+                (int(i) * block, int(j) * block, block)
+                for i, j in zip(src_ids, dst_ids, strict=True)
+            ]
+            with memcpy_batch(nbytes, cfg.device) as (copy, _):
+                runs: dict[Any, Callable[[], None]] = {
+                    "memcpy": copy,
+                    "raw": raw(same),
+                    "contiguous": raw([(0, 0, nbytes)]),
+                }
+                for transport in cfg.transports:
+                    peer, remote_base = bench.link(transport)
+                    segs = (
+                        bench.local_addr + src_ids * block,
+                        remote_base + dst_ids * block,
+                        np.full(n, block, np.uint64),
+                    )
+                    for op in cfg.ops:
+                        runs[(transport, op)] = bench.batch(peer, op, segs)
+                times = _interleaved(runs, cfg.row_seconds)
+            rows.append(
+                _row("blocks", "memcpy (ceiling)", "-", label, nbytes, 1, 1, times["memcpy"])
+            )
+            for kind, who, segments in (
+                ("raw", "raw socket (tcp ceiling)", n),
+                ("contiguous", "raw socket, contiguous", 1),
+            ):
+                rows.append(_row("blocks", who, "-", label, nbytes, segments, streams, times[kind]))
+            tick()
             for transport in cfg.transports:
-                peer, remote_base = bench.link(transport)
-                segs = (
-                    bench.local_addr + src_ids * block,
-                    remote_base + dst_ids * block,
-                    np.full(n, block, np.uint64),
-                )
                 for op in cfg.ops:
-                    times = bench.time_batches(peer, op, segs)
+                    threads = bench.threads(transport)
                     rows.append(
                         _row(
                             "blocks",
@@ -331,21 +370,21 @@ def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None
                             label,
                             nbytes,
                             n,
-                            bench.threads(transport),
-                            times,
+                            threads,
+                            times[(transport, op)],
                         )
                     )
                     tick()
             if cfg.peers:
                 for name in peer_mod.PEERS:
                     for op in cfg.ops:
-                        rows.append(_peer_row(name, op, block, n))
+                        rows.append(_peer_row(name, op, block, n, cfg.row_seconds))
                         tick()
 
 
-def _peer_row(name: str, op: str, block: int, n: int) -> Row:
+def _peer_row(name: str, op: str, block: int, n: int, seconds: float) -> Row:
     label, nbytes = _human(block), n * block
-    batches = max(3, min(20, int(2e9 * TIME_PER_ROW_S / nbytes)))
+    batches = max(3, min(20, int(2e9 * seconds / nbytes)))
     try:
         res = peer_mod.run_peer(name, op, block, n, batches=batches)
     except peer_mod.PeerUnavailable as exc:
@@ -435,17 +474,9 @@ def kv_requests(bench: Bench, rows: list[Row], tick: Callable[[], None], hetero:
                     nbytes,
                     1,
                     1,
-                    memcpy_ceiling(nbytes, cfg.device),
+                    memcpy_ceiling(nbytes, cfg.device, cfg.row_seconds),
                 )
             )
-
-
-def _segments(
-    plan: kv.CopyPlan, local: kv.KvLayout, remote: kv.KvLayout, op: str
-) -> tuple[np.ndarray, ...]:
-    from llumnix_kv.transfer import plan_segments
-
-    return plan_segments(plan, local, remote, Op[op])
 
 
 def _pool_blocks(tokens: int, block_tokens: int) -> int:
@@ -561,6 +592,12 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     p.add_argument("--plot", metavar="PNG", help="plot bandwidth against transfer size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--row-seconds",
+        type=float,
+        default=TIME_PER_ROW_S,
+        help="about this long per row (3 to 50 batches; default %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     model = model_from_config(a.model_config) if a.model_config else MODELS[a.model]
@@ -583,6 +620,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         seed=a.seed,
         progress=not a.no_progress,
         device=0 if a.device == "cuda" else -1,
+        row_seconds=a.row_seconds,
     )
     return cfg, a
 
@@ -612,9 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     kv_pool = cache_bytes(
         m, _pool_blocks(cfg.max_tokens, cfg.block_tokens), cfg.block_tokens, m.kv_heads
     )
-    pool_bytes = max(
-        kv_pool, 2 * max(16, BATCH_BYTES // BLOCK_SIZES[0]) * BLOCK_SIZES[0], 2 * BATCH_BYTES
-    )
+    pool_bytes = max(kv_pool, BLOCK_SPAN)
     print(f"llumnix_kv {kv.__version__}: {kv.build_info()['cuda']}; transports {cfg.transports}")
     print(
         f"model {m.name}: {m.layers} layers, {m.kv_heads} KV heads x {m.head_dim}, {m.dtype}"

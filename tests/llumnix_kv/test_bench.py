@@ -1,0 +1,112 @@
+"""`llumnix-kv bench`: the plain-socket baseline moves the bytes it claims to and rejects pieces
+outside its sink; a short run of the whole bench writes every row and the tracked ratios.
+Speed is not asserted here (that is the benchmark's output)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from llumnix_kv import _C, errors
+from llumnix_kv.bench import kv_bench
+
+KiB = 1 << 10
+
+
+def _serve(span: int, streams: int, timeout_s: float = 10.0) -> tuple[Any, ...]:
+    """A sink served by a thread of this process (the call releases the GIL): its buffer, port,
+    thread and the dict that gets the error it ended with, if any."""
+    dst = np.zeros(span, np.uint8)
+    fd, port = _C.raw_socket_listen()
+    ended: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            _C.raw_socket_serve(fd, streams, dst.ctypes.data, span, timeout_s)
+        except BaseException as exc:  # handed to the test
+            ended["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return dst, port, thread, ended
+
+
+def test_raw_socket_moves_pieces_into_place() -> None:
+    rng = np.random.default_rng(1)
+    block, n = 4 * KiB, 96
+    src = rng.integers(0, 256, 2 * n * block, dtype=np.uint8)
+    dst, port, thread, ended = _serve(2 * n * block, streams=3)
+    src_ids, dst_ids = rng.permutation(2 * n)[:n], rng.permutation(2 * n)[:n]
+    sender = _C.RawSocketSender("127.0.0.1", port, 3)
+    lens = np.full(n, block, np.uint64)
+    sender.send(src.ctypes.data + src_ids.astype(np.uint64) * block, dst_ids * block, lens)
+    sender.send(src.ctypes.data + src_ids.astype(np.uint64) * block, dst_ids * block, lens)
+    sender.close()
+    thread.join(10)
+    assert not thread.is_alive() and not ended
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        assert np.array_equal(dst[d * block : (d + 1) * block], src[s * block : (s + 1) * block])
+    untouched = np.setdiff1d(np.arange(2 * n), dst_ids)
+    assert not dst.reshape(2 * n, block)[untouched].any()
+
+
+def test_raw_socket_rejects_a_piece_outside_the_sink() -> None:
+    src = np.ones(8 * KiB, np.uint8)
+    dst, port, thread, ended = _serve(4 * KiB, streams=1)
+    sender = _C.RawSocketSender("127.0.0.1", port, 1)
+    one = np.array([4 * KiB], np.uint64)
+    with pytest.raises(errors.PeerLostError):  # the sink drops the connection, no ack comes
+        sender.send(np.array([src.ctypes.data], np.uint64), np.array([KiB], np.uint64), one)
+    thread.join(10)
+    assert isinstance(ended.get("error"), errors.OutOfRangeError)
+    assert not dst.any()
+    sender.close()
+
+
+def test_raw_socket_sink_waits_for_senders_with_a_deadline() -> None:
+    _, _, thread, ended = _serve(4 * KiB, streams=1, timeout_s=0.5)
+    thread.join(10)
+    assert isinstance(ended.get("error"), errors.KvTimeoutError)
+
+
+def test_raw_socket_sender_checks_its_arrays() -> None:
+    _, port, thread, _ = _serve(4 * KiB, streams=1)
+    sender = _C.RawSocketSender("127.0.0.1", port, 1)
+    with pytest.raises(errors.InvalidArgumentError):
+        sender.send(np.zeros(2, np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.uint64))
+    sender.close()
+    thread.join(10)
+    with pytest.raises(errors.PeerLostError):
+        sender.send(np.zeros(1, np.uint64), np.zeros(1, np.uint64), np.zeros(1, np.uint64))
+
+
+def test_short_bench_run_writes_every_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "kv.json"
+    argv = ["--transport", "shm", "--transport", "tcp", "--max-tokens", "256", "--no-peers"]
+    argv += ["--no-progress", "--row-seconds", "0.01", "--json", str(out)]
+    assert kv_bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    keys = {(r["section"], r["who"], r["op"], r["size"]) for r in rows}
+    for block in ("16 KiB", "64 KiB", "256 KiB", "1 MiB", "4 MiB"):
+        for who in ("memcpy (ceiling)", "raw socket (tcp ceiling)", "raw socket, contiguous"):
+            assert ("blocks", who, "-", block) in keys
+        for who in ("shm", "tcp"):
+            for op in ("WRITE", "READ"):
+                assert ("blocks", who, op, block) in keys
+    for tokens in ("16 tok", "256 tok"):
+        assert ("kv", "tcp", "READ", tokens) in keys
+        assert ("kv", "memcpy (ceiling)", "-", tokens) in keys
+    assert any(r["section"] == "hetero" and r["who"] == "shm" for r in rows)
+    for r in rows:
+        assert math.isfinite(r["gbps"]) and r["gbps"] > 0 and r["batches"] >= 2, r
+    printed = capsys.readouterr().out
+    assert "tcp WRITE 16 KiB:" in printed and "of raw socket" in printed
+    assert "shm READ 4 MiB:" in printed and "of memcpy" in printed
