@@ -302,6 +302,50 @@ def test_registrations_are_counted_and_released() -> None:
     eng.close()  # idempotent
 
 
+@pytest.mark.parametrize("op", ["WRITE", "READ"])
+@pytest.mark.parametrize("past_cache", [False, True])
+def test_cpu_copy_at_every_alignment_and_length(op: str, past_cache: bool) -> None:
+    """The CPU copy loop (csrc/src/cpu_copy.cc) through the local transport: segments at
+    random offsets modulo 64 on both sides, lengths around the vector loop's threshold and its
+    64-byte steps; with `past_cache` the batch is long enough for non-temporal stores."""
+    rng = np.random.default_rng(11)
+    lens = [1, 63, 64, 65, 4095, 4096, 4097, 4096 + 63, (64 << 10) + 17, (1 << 20) + 5]
+    if past_cache:
+        lens.append((64 << 20) + 3)
+    rng.shuffle(lens)
+    size = sum(lens) + 64 * (len(lens) + 1)
+    src = rng.integers(1, 256, size, dtype=np.uint8)
+    dst = np.zeros(size, np.uint8)
+    src_off, dst_off, pos_s, pos_d = [], [], 0, 0
+    for n in lens:
+        pos_s += int(rng.integers(0, 64))
+        pos_d += int(rng.integers(0, 64))
+        src_off.append(pos_s)
+        dst_off.append(pos_d)
+        pos_s, pos_d = pos_s + n, pos_d + n
+    with (
+        TransferEngine("a", transports=["local"]) as a,
+        TransferEngine("b", transports=["local"]) as b,
+    ):
+        mine, theirs = (src, dst) if op == "WRITE" else (dst, src)
+        mine_off, theirs_off = (src_off, dst_off) if op == "WRITE" else (dst_off, src_off)
+        a.register(mine)
+        b.register(theirs)
+        peer = a.add_peer(b.descriptor(), "local")
+        a.submit(
+            peer,
+            op,
+            mine.ctypes.data + np.array(mine_off, np.uint64),
+            theirs.ctypes.data + np.array(theirs_off, np.uint64),
+            np.array(lens, np.uint64),
+        ).wait(60)
+    written = np.zeros(size, bool)
+    for s, d, n in zip(src_off, dst_off, lens, strict=True):
+        assert np.array_equal(dst[d : d + n], src[s : s + n]), (s, d, n)
+        written[d : d + n] = True
+    assert not dst[~written].any()
+
+
 def test_register_layout_registers_each_region() -> None:
     lay = kvl.vllm_flash_attn([torch.ones(2, 4, 16, 2, 32, dtype=torch.float16) for _ in range(3)])
     with TransferEngine("g", transports=["local"]) as eng:
