@@ -4,8 +4,9 @@ Three sections, each with its baselines in the same run:
 
 * **blocks**: nixlbench-style sweeps of fixed-size blocks (16 KiB .. 4 MiB, ~32 MiB a batch,
   scattered block ids) over every transport, next to the ceiling (one ``memcpy`` of the same
-  bytes in one process), raw-socket loopback (the ceiling for tcp), and the NIXL and Mooncake
-  peers moving the same blocks where they are installed;
+  bytes in one process), raw-socket loopback moving the same blocks (the ceiling for tcp; also
+  as one contiguous run), all measured interleaved, and the NIXL and Mooncake peers moving the
+  same blocks where they are installed;
 * **kv**: one request's KV of a real model shape (default Llama-3-8B, vLLM FlashAttention NHD,
   16-token blocks), from one block to 32k tokens, with block tables as an allocator hands them
   out after churn, so runs merge only where a real cache lets them;
