@@ -10,7 +10,8 @@ Three sections, each with its baselines in the same run:
 * **kv**: one request's KV of a real model shape (default Llama-3-8B, vLLM FlashAttention NHD,
   16-token blocks), from one block to 32k tokens, with block tables as an allocator hands them
   out after churn, so runs merge only where a real cache lets them;
-* **hetero**: prefill (16-token blocks, TP1) -> decode (64-token blocks, rank 1 of TP2).
+* **hetero**: prefill (16-token blocks, TP1) -> decode (64-token blocks, rank 1 of TP2, and of
+  TP8 where the KV heads allow: one head per token, the smallest segments a TP mismatch makes).
 
 The peer process registers its cache in shared memory, so the shm transport maps it.
 GB/s counts payload bytes, 1 GB = 1e9 bytes; latencies are per batch in milliseconds.
@@ -22,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import ctypes
+import itertools
 import json
 import mmap
 import multiprocessing as mp
@@ -420,19 +422,22 @@ def kv_requests(bench: Bench, rows: list[Row], tick: Callable[[], None], hetero:
     m = cfg.model
     heads = m.kv_heads
     rng = np.random.default_rng(cfg.seed + 1)
-    if hetero:
-        if m.mla or heads % 2:
-            return
-        src_bt, dst_bt, dst_heads = cfg.block_tokens, 64, (heads // 2, heads)
+    if hetero:  # rank 1 of each decode TP degree that divides the KV heads
+        src_bt, dst_bt = cfg.block_tokens, 64
+        variants = [
+            ((heads // tp, 2 * heads // tp), f" {src_bt}->{dst_bt} TP1->{tp}")
+            for tp in hetero_tp(m)
+        ]
         sizes = [min(4096, cfg.max_tokens)]
     else:
-        src_bt, dst_bt, dst_heads = cfg.block_tokens, cfg.block_tokens, (0, heads)
+        src_bt, dst_bt = cfg.block_tokens, cfg.block_tokens
+        variants = [((0, heads), "")]
         sizes = [t for t in REQUEST_TOKENS if t <= cfg.max_tokens]
     pool_src = _pool_blocks(cfg.max_tokens, src_bt)
     pool_dst = _pool_blocks(cfg.max_tokens, dst_bt)
-    dh = dst_heads[1] - dst_heads[0]
-    for transport in cfg.transports:
+    for (dst_heads, suffix), transport in itertools.product(variants, cfg.transports):
         peer, remote_base = bench.link(transport)
+        dh = dst_heads[1] - dst_heads[0]
         local = flat_layout(m, cfg.layout, src_bt, pool_src, heads, bench.local_addr)
         remote = flat_layout(m, cfg.layout, dst_bt, pool_dst, dh, remote_base)
         for tokens in sizes:
@@ -449,7 +454,7 @@ def kv_requests(bench: Bench, rows: list[Row], tick: Callable[[], None], hetero:
                     )
                 segs = plan_segments(plan, local, remote, Op[op])
                 times = bench.time_batches(peer, op, segs)
-                size = f"{tokens} tok" + (" 16->64 TP1->2" if hetero else "")
+                size = f"{tokens} tok{suffix}"
                 rows.append(
                     _row(
                         "hetero" if hetero else "kv",
@@ -478,6 +483,12 @@ def kv_requests(bench: Bench, rows: list[Row], tick: Callable[[], None], hetero:
                     memcpy_ceiling(nbytes, cfg.device, cfg.row_seconds),
                 )
             )
+
+
+def hetero_tp(m: ModelShape) -> list[int]:
+    """Decode TP degrees of the hetero section: 2 (the head halves) and 8 (one head each on
+    Llama-3-8B: the smallest segments a TP mismatch makes), where they divide the KV heads."""
+    return [] if m.mla else [tp for tp in (2, 8) if m.kv_heads % tp == 0]
 
 
 def _pool_blocks(tokens: int, block_tokens: int) -> int:
@@ -668,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         * len(cfg.transports)
         * len(cfg.ops)
         * len([t for t in REQUEST_TOKENS if t <= cfg.max_tokens])
-        + ("hetero" in cfg.sections) * len(cfg.transports) * len(cfg.ops)
+        + ("hetero" in cfg.sections) * len(hetero_tp(m)) * len(cfg.transports) * len(cfg.ops)
     )
     tick, done = _progress(rows_total, cfg.progress)
     rows: list[Row] = []

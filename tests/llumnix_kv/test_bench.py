@@ -104,7 +104,8 @@ def test_short_bench_run_writes_every_row(
     for tokens in ("16 tok", "256 tok"):
         assert ("kv", "tcp", "READ", tokens) in keys
         assert ("kv", "memcpy (ceiling)", "-", tokens) in keys
-    assert any(r["section"] == "hetero" and r["who"] == "shm" for r in rows)
+    for tp in (2, 8):
+        assert ("hetero", "tcp", "WRITE", f"256 tok 16->64 TP1->{tp}") in keys
     for r in rows:
         assert math.isfinite(r["gbps"]) and r["gbps"] > 0 and r["batches"] >= 2, r
     printed = capsys.readouterr().out

@@ -192,24 +192,60 @@ def test_killed_peer_gives_typed_error_within_deadline(
         assert time.monotonic() < deadline
 
 
-def test_crc_detects_corruption_and_names_the_batch(baseline_registrations) -> None:
-    n = 8
+@pytest.mark.parametrize("seg", [BLOCK, 100])  # scatter reads; packed through a bounce buffer
+def test_crc_detects_corruption_and_names_the_batch(seg: int, baseline_registrations) -> None:
+    n = 8 * BLOCK // seg
     with (
-        PeerProcess(["tcp"], n * BLOCK, shared=False, corrupt=1) as child,
+        PeerProcess(["tcp"], n * seg, shared=False, corrupt=1) as child,
         TransferEngine("h", transports=["tcp"]) as eng,
     ):
-        local = np.arange(n * BLOCK, dtype=np.uint8)
+        local = np.arange(n * seg, dtype=np.uint8)
         eng.register(local)
         peer = eng.add_peer(child.descriptor)
         segs = (
-            local.ctypes.data + np.arange(n, dtype=np.uint64) * BLOCK,
-            child.addr + np.arange(n, dtype=np.uint64) * BLOCK,
-            np.full(n, BLOCK, np.uint64),
+            local.ctypes.data + np.arange(n, dtype=np.uint64) * seg,
+            child.addr + np.arange(n, dtype=np.uint64) * seg,
+            np.full(n, seg, np.uint64),
         )
         eng.submit(peer, "WRITE", *segs).wait(10)  # corrupted, undetected without CRC
         batch = eng.submit(peer, "WRITE", *segs, crc=True)
         with pytest.raises(errors.CorruptionError, match=f"batch {batch.id}"):
             batch.wait(10)
+
+
+@pytest.mark.parametrize("crc", [False, True])
+def test_tcp_packs_tiny_segments_both_ways(crc: bool, baseline_registrations) -> None:
+    """Parts of segments under a few hundred bytes go through bounce buffers on both ends
+    (tcp_transport.cc, PACKED): uneven lengths, zero-length ones, more bytes than one bounce
+    buffer, several streams; READ brings back exactly what WRITE put."""
+    rng = np.random.default_rng(5)
+    n, size = 8000, 8 << 20
+    lens = rng.integers(0, 400, n).astype(np.uint64)  # ~1.6 MB: bounce buffers, 2+ streams
+    src_off = rng.choice(size // 512, n, replace=False).astype(np.uint64) * 512
+    dst_off = rng.choice(size // 512, n, replace=False).astype(np.uint64) * 512
+    with (
+        PeerProcess(["tcp"], size, shared=False) as child,
+        TransferEngine("h", transports=["tcp"], tcp_streams=3) as eng,
+    ):
+        local = rng.integers(0, 256, size, dtype=np.uint8)
+        back = np.zeros(size, np.uint8)
+        eng.register(local)
+        eng.register(back)
+        peer = eng.add_peer(child.descriptor)
+        eng.submit(
+            peer, "WRITE", local.ctypes.data + src_off, child.addr + dst_off, lens, crc=crc
+        ).wait(30)
+        remote = np.frombuffer(child.call("bytes", 0, size), np.uint8)
+        eng.submit(
+            peer, "READ", back.ctypes.data + src_off, child.addr + dst_off, lens, crc=crc
+        ).wait(30)
+    for s, d, k in zip(src_off.tolist(), dst_off.tolist(), lens.tolist(), strict=True):
+        assert np.array_equal(remote[d : d + k], local[s : s + k])
+        assert np.array_equal(back[s : s + k], local[s : s + k])
+    moved = np.zeros(size, bool)
+    for d, k in zip(dst_off.tolist(), lens.tolist(), strict=True):
+        moved[d : d + k] = True
+    assert not remote[~moved].any()
 
 
 def test_unregistered_memory_is_refused(baseline_registrations) -> None:

@@ -7,8 +7,11 @@
 //   READ_REQ  n x {addr, len}                    -> READ_RESP{status}, payload[, crc]
 //   NOTIFY    message                            delivered to the receiving engine
 // The receiver checks every address against its registered memory before touching it, then
-// receives the payload straight into place with scatter reads (recvmsg over iovecs). A
-// connection processes messages in order, so responses match requests first-in first-out.
+// receives the payload straight into place with scatter reads (recvmsg over iovecs). Parts of
+// small segments (under kPackBelow on average, e.g. the per-token head slices of a TP1 -> TP2
+// transfer) are flagged PACKED: their payload goes through a cache-sized bounce buffer on both
+// ends, as the kernel's per-iovec cost outweighs two copies that stay in cache. A connection
+// processes messages in order, so responses match requests first-in first-out.
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -43,6 +46,9 @@ enum MsgType : uint8_t {
   kNotify = 6
 };
 constexpr uint8_t kFlagCrc = 1;
+constexpr uint8_t kFlagPacked = 2;
+constexpr uint64_t kPackBelow = 768;        // parts of smaller segments (on average) are packed
+constexpr size_t kBounceBytes = 256 << 10;  // bounce buffer: stays in a core's L2
 constexpr uint64_t kMaxSegments = uint64_t{1} << 24;
 constexpr uint64_t kMaxString = uint64_t{1} << 20;
 constexpr uint64_t kSplitBytes = 1 << 20;  // smaller batches travel on one stream
@@ -99,18 +105,66 @@ Status RecvPayload(int fd, const std::vector<WireSeg>& segs) {
   return net::RecvAllIov(fd, iov);
 }
 
+bool Packed(uint64_t bytes, size_t segments) {
+  return segments > 1 && bytes < kPackBelow * segments;
+}
+
+// Sends the bytes of `segs` gathered, a bounce buffer at a time.
+Status SendPacked(int fd, const std::vector<WireSeg>& segs, std::vector<char>* bounce) {
+  bounce->resize(kBounceBytes);
+  size_t fill = 0;
+  for (const WireSeg& s : segs) {
+    for (uint64_t off = 0; off < s.len;) {
+      const size_t n = std::min<uint64_t>(s.len - off, kBounceBytes - fill);
+      std::memcpy(bounce->data() + fill, reinterpret_cast<const char*>(s.addr) + off, n);
+      fill += n;
+      off += n;
+      if (fill == kBounceBytes) {
+        std::vector<iovec> iov{{bounce->data(), fill}};
+        LLUMNIX_KV_RETURN_IF_ERROR(net::SendAll(fd, iov));
+        fill = 0;
+      }
+    }
+  }
+  std::vector<iovec> iov{{bounce->data(), fill}};
+  return fill > 0 ? net::SendAll(fd, iov) : Status::Ok();
+}
+
+// Receives the bytes of `segs` (sent by SendPacked), a bounce buffer at a time, into place.
+Status RecvPacked(int fd, const std::vector<WireSeg>& segs, std::vector<char>* bounce) {
+  bounce->resize(kBounceBytes);
+  size_t seg = 0;
+  uint64_t off = 0, left = 0;
+  for (const WireSeg& s : segs) left += s.len;
+  while (left > 0) {
+    const size_t chunk = std::min<uint64_t>(left, kBounceBytes);
+    LLUMNIX_KV_RETURN_IF_ERROR(net::RecvAll(fd, bounce->data(), chunk));
+    for (size_t pos = 0; pos < chunk;) {
+      const size_t n = std::min<uint64_t>(segs[seg].len - off, chunk - pos);
+      std::memcpy(reinterpret_cast<char*>(segs[seg].addr) + off, bounce->data() + pos, n);
+      pos += n;
+      off += n;
+      if (off == segs[seg].len) ++seg, off = 0;
+    }
+    left -= chunk;
+  }
+  return Status::Ok();
+}
+
 uint32_t CrcOf(const std::vector<WireSeg>& segs) {
   uint32_t crc = 0;
   for (const WireSeg& s : segs) crc = Crc32c(crc, reinterpret_cast<const void*>(s.addr), s.len);
   return crc;
 }
 
-// Header + optional table + payload gathered from `segs` + optional CRC trailer, in one send.
+// Header (unless !with_header) + optional table + payload gathered from `segs` + optional CRC
+// trailer, in one send.
 Status SendWithPayload(int fd, const Header& h, const std::vector<WireSeg>* table,
-                       const std::vector<WireSeg>& segs, const uint32_t* crc) {
+                       const std::vector<WireSeg>& segs, const uint32_t* crc,
+                       bool with_header = true) {
   std::vector<iovec> iov;
   iov.reserve(segs.size() + 3);
-  iov.push_back({const_cast<Header*>(&h), sizeof(h)});
+  if (with_header) iov.push_back({const_cast<Header*>(&h), sizeof(h)});
   if (table && !table->empty()) {
     iov.push_back({const_cast<WireSeg*>(table->data()), table->size() * sizeof(WireSeg)});
   }
@@ -204,7 +258,8 @@ class ServerConn {
       LLUMNIX_KV_RETURN_IF_ERROR(net::Discard(fd_, h.bytes + (crc ? 4 : 0)));
       return Reply(h, kAck, st);
     }
-    LLUMNIX_KV_RETURN_IF_ERROR(RecvPayload(fd_, table));
+    LLUMNIX_KV_RETURN_IF_ERROR((h.flags & kFlagPacked) ? RecvPacked(fd_, table, &bounce_)
+                                                       : RecvPayload(fd_, table));
     const int64_t every = engine_->config().debug_corrupt_every;
     if (every > 0 && ++writes_ % every == 0 && h.bytes > 0) {
       for (WireSeg& s : table) {
@@ -238,7 +293,11 @@ class ServerConn {
     r.bytes = h.bytes;
     uint32_t crc = 0;
     if (h.flags & kFlagCrc) crc = CrcOf(table);
-    return SendWithPayload(fd_, r, nullptr, table, (h.flags & kFlagCrc) ? &crc : nullptr);
+    const uint32_t* trailer = (h.flags & kFlagCrc) ? &crc : nullptr;
+    if (!(h.flags & kFlagPacked)) return SendWithPayload(fd_, r, nullptr, table, trailer);
+    LLUMNIX_KV_RETURN_IF_ERROR(SendWithPayload(fd_, r, nullptr, {}, nullptr));
+    LLUMNIX_KV_RETURN_IF_ERROR(SendPacked(fd_, table, &bounce_));
+    return trailer ? SendWithPayload(fd_, {}, nullptr, {}, trailer, false) : Status::Ok();
   }
 
   EngineServices* engine_;
@@ -247,6 +306,7 @@ class ServerConn {
   std::atomic<bool> done_{false};
   std::string peer_;
   int64_t writes_ = 0;
+  std::vector<char> bounce_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -347,7 +407,8 @@ class ClientStream {
     const bool crc = b.opts.crc || engine_->config().crc;
     Header h;
     h.type = b.op == TransferOp::kWrite ? kWrite : kReadReq;
-    h.flags = crc ? kFlagCrc : 0;
+    const bool packed = Packed(job->bytes, job->remote.size());
+    h.flags = (crc ? kFlagCrc : 0) | (packed ? kFlagPacked : 0);
     h.batch = b.id;
     h.part = job->part;
     h.count = job->remote.size();
@@ -360,8 +421,13 @@ class ClientStream {
       if (dead_) return Status(Status::Code::kPeerLost, "connection to peer is closed");
       pending_.push_back(*job);
     }
-    if (write) return SendWithPayload(fd_, h, &job->remote, job->local, crc ? &sum : nullptr);
-    return SendWithPayload(fd_, h, &job->remote, {}, nullptr);
+    if (!write || !packed) {
+      return SendWithPayload(fd_, h, &job->remote, write ? job->local : std::vector<WireSeg>{},
+                             write && crc ? &sum : nullptr);
+    }
+    LLUMNIX_KV_RETURN_IF_ERROR(SendWithPayload(fd_, h, &job->remote, {}, nullptr));
+    LLUMNIX_KV_RETURN_IF_ERROR(SendPacked(fd_, job->local, &send_bounce_));
+    return crc ? SendWithPayload(fd_, {}, nullptr, {}, &sum, false) : Status::Ok();
   }
 
   void ReadLoop() {
@@ -398,7 +464,8 @@ class ClientStream {
       return Status::Ok();
     }
     if (h.type != kReadResp || h.bytes != job.bytes) return Protocol("bad READ_RESP");
-    LLUMNIX_KV_RETURN_IF_ERROR(RecvPayload(fd_, job.local));
+    LLUMNIX_KV_RETURN_IF_ERROR((h.flags & kFlagPacked) ? RecvPacked(fd_, job.local, &recv_bounce_)
+                                                       : RecvPayload(fd_, job.local));
     Status result;
     if (h.flags & kFlagCrc) {
       uint32_t sent = 0;
@@ -419,6 +486,8 @@ class ClientStream {
   std::condition_variable cv_;
   std::deque<Job> queue_;
   std::deque<Job> pending_;
+  std::vector<char> send_bounce_;  // sender thread
+  std::vector<char> recv_bounce_;  // reader thread
   std::atomic<bool> dead_{false};
   std::thread sender_;
   std::thread reader_;
