@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,20 @@ def test_raw_socket_rejects_a_piece_outside_the_sink() -> None:
     assert isinstance(ended.get("error"), errors.OutOfRangeError)
     assert not dst.any()
     sender.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_raw_socket_sink_survives_garbage(seed: int) -> None:
+    """Random or truncated bytes end the sink's connection with an error or a clean stop."""
+    rng = np.random.default_rng(seed)
+    _, port, thread, ended = _serve(64 * KiB, streams=1)
+    head = np.array([rng.integers(0, 1 << 30), rng.integers(0, 1 << 40)], np.uint64).tobytes()
+    junk = head[: int(rng.integers(0, 17))] + rng.bytes(int(rng.integers(0, 4096)))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(junk)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert "error" not in ended or isinstance(ended["error"], errors.KvError)
 
 
 def test_raw_socket_sink_waits_for_senders_with_a_deadline() -> None:
