@@ -212,8 +212,9 @@ class TransferEngine:
 
         ``mode``: ``"direct"`` moves segment by segment into the peer's memory (one-sided);
         ``"staged"`` sends the segments gathered as one message that the receiver scatters;
-        ``"auto"`` stages batches of small segments. Transports with one way use it (tcp is
-        always staged; shm and local always direct)."""
+        ``"auto"`` stages batches of small segments (ucx: any host-memory batch to a peer on
+        this host, where UCX moves messages by shared memory but put/get over tcp). Transports
+        with one way use it (tcp is always staged; shm and local always direct)."""
         op = Op[op] if isinstance(op, str) else Op(op)
         batch_id = self._engine.submit(
             peer.id,

@@ -34,8 +34,10 @@ struct SubmitOptions {
   bool crc = false;       // end-to-end CRC32C of the payload (also: EngineConfig::crc)
   // "direct": one-sided, segment by segment into the peer's memory; "staged": the segments
   // travel gathered as one message and the receiver scatters them; "auto": staged when the
-  // average segment is below EngineConfig::staged_below_bytes. A transport that has one way
-  // only uses it (tcp is always staged, shm and local are always direct).
+  // average segment is below EngineConfig::staged_below_bytes, and ucx stages host memory for
+  // a peer on the same host whatever the size (its put/get would go over tcp there). A
+  // transport that has one way only uses it (tcp is always staged, shm and local are always
+  // direct).
   std::string mode = "auto";
 };
 
