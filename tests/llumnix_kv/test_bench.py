@@ -90,6 +90,20 @@ def test_raw_socket_sink_waits_for_senders_with_a_deadline() -> None:
     assert isinstance(ended.get("error"), errors.KvTimeoutError)
 
 
+def test_raw_socket_send_to_a_sink_that_stops_reading_times_out() -> None:
+    payload = np.ones(64 << 20, np.uint8)  # more than the socket buffers hold
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        sender = _C.RawSocketSender("127.0.0.1", srv.getsockname()[1], 1, 0.5)
+        conn, _ = srv.accept()  # connected, never read
+        with conn, pytest.raises(errors.KvTimeoutError):
+            sender.send(
+                np.array([payload.ctypes.data], np.uint64),
+                np.zeros(1, np.uint64),
+                np.array([payload.nbytes], np.uint64),
+            )
+        sender.close()
+
+
 def test_raw_socket_sender_checks_its_arrays() -> None:
     _, port, thread, _ = _serve(4 * KiB, streams=1)
     sender = _C.RawSocketSender("127.0.0.1", port, 1)

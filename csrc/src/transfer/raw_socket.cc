@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -116,6 +117,12 @@ Status Sender::Connect(const std::string& host, int port, int streams, double ti
       for (int f : fds) net::CloseQuietly(f);
       return st;
     }
+    // Every blocking send or receive of a batch gives up after timeout_s (EAGAIN: Timeout).
+    timeval tv{};
+    tv.tv_sec = static_cast<time_t>(timeout_s);
+    tv.tv_usec = static_cast<suseconds_t>((timeout_s - static_cast<double>(tv.tv_sec)) * 1e6);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     fds.push_back(fd);
   }
   out->reset(new Sender(std::move(fds)));

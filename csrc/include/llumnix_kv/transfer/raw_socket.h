@@ -33,7 +33,8 @@ class Sender {
                         std::unique_ptr<Sender>* out);
   ~Sender();
   // Moves the pieces, split by bytes into one share per stream, all streams at once; returns
-  // when the receiver has acknowledged every share.
+  // when the receiver has acknowledged every share, or Timeout when a send or receive blocks
+  // for longer than Connect's timeout_s.
   Status Send(const std::vector<Piece>& pieces);
   void Close();  // the receiver's Serve returns once every sender has closed
 
