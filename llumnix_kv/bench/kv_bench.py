@@ -250,6 +250,7 @@ class Bench:
         self.pool_bytes = pool_bytes
         dev = cfg.device
         self.peer_proc = PeerProcess(cfg.transports, pool_bytes, shared=True, device=dev)
+        self.peers = PeerRunner()
         self.engine = TransferEngine(
             "bench", transports=cfg.transports, tcp_streams=cfg.tcp_streams
         )
@@ -276,6 +277,7 @@ class Bench:
         if self.loopback is not None:
             self.loopback.close()
         self.peer_proc.stop()
+        self.peers.close()
         for addr in self._device_allocs:
             _C.cuda_free(addr)
         self._device_allocs.clear()
@@ -381,21 +383,82 @@ def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None
             if cfg.peers:
                 for name in peer_mod.PEERS:
                     for op in cfg.ops:
-                        rows.append(_peer_row(name, op, block, n, cfg.row_seconds))
+                        rows.append(bench.peers.row(name, op, block, n, cfg.row_seconds))
                         tick()
 
 
-def _peer_row(name: str, op: str, block: int, n: int, seconds: float) -> Row:
-    label, nbytes = _human(block), n * block
-    batches = max(3, min(20, int(2e9 * seconds / nbytes)))
-    try:
-        res = peer_mod.run_peer(name, op, block, n, batches=batches)
-    except peer_mod.PeerUnavailable as exc:
-        return _row("blocks", name, op, label, nbytes, n, 0, f"not installed: {exc}")
-    except (RuntimeError, TimeoutError) as exc:
-        return _row("blocks", name, op, label, nbytes, n, 0, f"failed: {exc}")
-    ms = (res.lat_avg_us / 1e3, res.lat_p50_us / 1e3, res.lat_p99_us / 1e3)
-    return Row("blocks", name, op, label, nbytes, n, 0, res.gbps, *ms, res.batches, res.note)
+def _peer_runner(conn: Any) -> None:
+    """The process that runs the peers (see PeerRunner): answers ("status",) with
+    peer_status() and ("run", args, kwargs) with run_peer's result, as ("ok", value),
+    ("unavailable", why) or ("failed", why), until the pipe closes."""
+    while True:
+        try:
+            cmd, *args = conn.recv()
+        except EOFError:
+            return
+        try:
+            if cmd == "status":
+                conn.send(("ok", peer_mod.peer_status()))
+            else:
+                conn.send(("ok", peer_mod.run_peer(*args[0], **args[1])))
+        except peer_mod.PeerUnavailable as exc:
+            conn.send(("unavailable", str(exc)))
+        except (RuntimeError, TimeoutError, ValueError) as exc:
+            conn.send(("failed", str(exc)))
+
+
+class PeerRunner:
+    """NIXL and Mooncake run in a process of their own, started once: their libraries (NIXL
+    brings a UCX context and memory hooks, Mooncake its threads) never load into the bench
+    process, where they slowed the bench's own ucx transport in the rows after them. A call
+    that does not answer in time kills the process; the next call starts a fresh one."""
+
+    def __init__(self, timeout_s: float = 300.0) -> None:
+        self.timeout_s = timeout_s
+        self.proc: Any = None
+        self.conn: Any = None
+
+    def _call(self, *cmd: Any) -> tuple[str, Any]:
+        if self.proc is None or not self.proc.is_alive():
+            ctx = mp.get_context("spawn")
+            self.conn, child = ctx.Pipe()
+            # Not a daemon: run_peer starts the peer's target process from there. It exits at
+            # EOF on its pipe, when this process closes it or dies.
+            self.proc = ctx.Process(target=_peer_runner, args=(child,))
+            self.proc.start()
+            child.close()
+        try:
+            self.conn.send(cmd)
+            if self.conn.poll(self.timeout_s):
+                return self.conn.recv()
+            why = f"no answer in {self.timeout_s:.0f} s"
+        except (EOFError, OSError) as exc:
+            why = f"peer process died: {exc}"
+        self.close()
+        return "failed", why
+
+    def status(self) -> dict[str, str]:
+        kind, value = self._call("status")
+        return value if kind == "ok" else {p: value for p in peer_mod.PEERS}
+
+    def row(self, name: str, op: str, block: int, n: int, seconds: float) -> Row:
+        label, nbytes = _human(block), n * block
+        batches = max(3, min(20, int(2e9 * seconds / nbytes)))
+        kind, res = self._call("run", (name, op, block, n), {"batches": batches})
+        if kind != "ok":
+            why = f"not installed: {res}" if kind == "unavailable" else f"failed: {res}"
+            return _row("blocks", name, op, label, nbytes, n, 0, why)
+        ms = (res.lat_avg_us / 1e3, res.lat_p50_us / 1e3, res.lat_p99_us / 1e3)
+        return Row("blocks", name, op, label, nbytes, n, 0, res.gbps, *ms, res.batches, res.note)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.conn.close()  # the runner returns at EOF
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(10)
+            self.proc = None
 
 
 def _row(
@@ -544,29 +607,41 @@ def summary(rows: list[Row]) -> list[str]:
 
 
 def plot(rows: list[Row], path: str) -> None:
+    """Bandwidth against transfer size: one colour per transport, peer or baseline; WRITE
+    solid, READ dashed, baselines dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    whos = list(dict.fromkeys(r.who for r in rows))
+    colors = plt.get_cmap("tab10" if len(whos) <= 10 else "tab20")
+    style = {"WRITE": ("-", "o"), "READ": ("--", "^"), "-": (":", "s")}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, section in zip(axes, ("blocks", "kv"), strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
+        series: dict[tuple[str, str], list[tuple[int, float]]] = {}
         for r in rows:
             if r.section == section and r.gbps == r.gbps:
-                key = r.who if r.op == "-" else f"{r.who} {r.op}"
-                series.setdefault(key, []).append(
+                series.setdefault((r.who, r.op), []).append(
                     (r.transfer_bytes if section == "kv" else _block_of(r), r.gbps)
                 )
-        for key, pts in sorted(series.items()):
+        for (who, op), pts in series.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            line, marker = style[op]
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                line,
+                marker=marker,
+                color=colors(whos.index(who)),
+                label=who if op == "-" else f"{who} {op}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("block bytes" if section == "blocks" else "request KV bytes")
         ax.set_ylabel("GB/s")
         ax.set_title("fixed-size blocks" if section == "blocks" else "one request's KV")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -669,8 +744,6 @@ def main(argv: list[str] | None = None) -> int:
         f" ({m.bytes_per_token / KiB:.0f} KiB/token); layout {cfg.layout},"
         f" {cfg.block_tokens}-token blocks; {'cuda:0' if cfg.device >= 0 else 'host'} memory"
     )
-    if cfg.peers:
-        print("peers: " + ", ".join(f"{k} {v}" for k, v in peer_mod.peer_status().items()))
     rows_total = (
         ("blocks" in cfg.sections)
         * len(BLOCK_SIZES)
@@ -686,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     bench = Bench(cfg, pool_bytes)
     try:
+        if cfg.peers:
+            print("peers: " + ", ".join(f"{k} {v}" for k, v in bench.peers.status().items()))
         if "blocks" in cfg.sections:
             block_sweep(bench, rows, tick)
         if "kv" in cfg.sections:

@@ -140,3 +140,24 @@ def test_short_bench_run_writes_every_row(
     printed = capsys.readouterr().out
     assert "tcp WRITE 16 KiB:" in printed and "of raw socket" in printed
     assert "shm READ 4 MiB:" in printed and "of memcpy" in printed
+
+
+def test_peer_rows_run_in_a_process_of_their_own() -> None:
+    """NIXL and Mooncake run in the runner's process: a row is measured (installed) or says
+    why not; closing stops the process, and a later call starts a fresh one."""
+    runner = kv_bench.PeerRunner(timeout_s=120)
+    try:
+        status = runner.status()
+        assert set(status) == {"nixl", "mooncake"}
+        for name in ("nixl", "mooncake"):
+            row = runner.row(name, "WRITE", 16 * KiB, 16, 0.01)
+            if status[name].startswith("ok"):
+                assert row.gbps > 0 and row.batches >= 3, row
+            else:
+                assert row.note.startswith("not installed") and math.isnan(row.gbps)
+        first = runner.proc
+        runner.close()
+        assert first is not None and not first.is_alive()
+        assert set(runner.status()) == {"nixl", "mooncake"} and runner.proc is not first
+    finally:
+        runner.close()
