@@ -31,6 +31,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -109,12 +110,12 @@ def _stats(times: list[float], nbytes: int) -> tuple[float, float, float, float]
 
 
 def _repeat(run: Callable[[], None], seconds: float = TIME_PER_ROW_S) -> list[float]:
-    """Per-call seconds: one warm-up, then enough calls for about `seconds` (2 to 50)."""
-    t0 = time.perf_counter()
+    """Per-call seconds: one warm-up call, then calls until about `seconds` have passed (3 to
+    50). The count does not follow the warm-up's time: a first batch into a fresh mapping pays
+    its page faults and can take a hundred times longer than the rest."""
     run()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(int(min(50, max(2, seconds / max(first, 1e-6))))):
+    times: list[float] = []
+    while len(times) < 50 and (len(times) < 3 or sum(times) < seconds):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
@@ -255,21 +256,22 @@ class Bench:
             "bench", transports=cfg.transports, tcp_streams=cfg.tcp_streams
         )
         self._device_allocs: list[int] = []
-        self.local_addr = self._alloc()
+        self.local_addr = self._alloc(self.engine)
         self.links: dict[str, Peer] = {}
         self.loopback: TransferEngine | None = None
         self.loop_addr = 0
 
-    def _alloc(self) -> int:
-        """A registered pool of pool_bytes on the bench's device, every page touched."""
+    def _alloc(self, engine: TransferEngine) -> int:
+        """A pool of pool_bytes on the bench's device, registered with `engine`, every page
+        touched."""
         if self.cfg.device >= 0:
             addr = _C.cuda_malloc(self.pool_bytes, self.cfg.device)
             self._device_allocs.append(addr)
-            self.engine.register((addr, self.pool_bytes, self.cfg.device))
+            engine.register((addr, self.pool_bytes, self.cfg.device))
             return addr
         buf = np.zeros(self.pool_bytes, np.uint8)
         buf[::4096] = 1
-        self.engine.register(buf)
+        engine.register(buf)  # the engine keeps the array alive
         return buf.ctypes.data
 
     def close(self) -> None:
@@ -288,14 +290,7 @@ class Bench:
         if transport == "local":
             if self.loopback is None:
                 self.loopback = TransferEngine("bench-local", transports=["local"])
-                if self.cfg.device >= 0:
-                    self.loop_addr = _C.cuda_malloc(self.pool_bytes, self.cfg.device)
-                    self._device_allocs.append(self.loop_addr)
-                    self.loopback.register((self.loop_addr, self.pool_bytes, self.cfg.device))
-                else:
-                    buf = np.zeros(self.pool_bytes, np.uint8)
-                    self.loopback.register(buf)
-                    self.loop_addr = buf.ctypes.data
+                self.loop_addr = self._alloc(self.loopback)
                 self.links["local"] = self.engine.add_peer(self.loopback.descriptor(), "local")
             return self.links["local"], self.loop_addr
         if transport not in self.links:
@@ -387,10 +382,16 @@ def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None
                         tick()
 
 
-def _peer_runner(conn: Any) -> None:
+def _peer_runner(conn: Any, log_path: str) -> None:
     """The process that runs the peers (see PeerRunner): answers ("status",) with
     peer_status() and ("run", args, kwargs) with run_peer's result, as ("ok", value),
-    ("unavailable", why) or ("failed", why), until the pipe closes."""
+    ("unavailable", why) or ("failed", why), until the pipe closes. Its standard error, and
+    that of the peers' target processes it starts, goes to `log_path`: the peers' libraries
+    log there from C++ (Mooncake logs an error on every start that is no error), and a
+    failure reaches the bench as ("failed", why) anyway."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
     while True:
         try:
             cmd, *args = conn.recv()
@@ -417,6 +418,10 @@ class PeerRunner:
         self.timeout_s = timeout_s
         self.proc: Any = None
         self.conn: Any = None
+        #: Where the peers' processes write their standard error (their libraries' logs).
+        self.log_path = os.path.join(
+            tempfile.gettempdir(), f"llumnix-kv-bench-peers-{os.getpid()}.log"
+        )
 
     def _call(self, *cmd: Any) -> tuple[str, Any]:
         if self.proc is None or not self.proc.is_alive():
@@ -424,7 +429,7 @@ class PeerRunner:
             self.conn, child = ctx.Pipe()
             # Not a daemon: run_peer starts the peer's target process from there. It exits at
             # EOF on its pipe, when this process closes it or dies.
-            self.proc = ctx.Process(target=_peer_runner, args=(child,))
+            self.proc = ctx.Process(target=_peer_runner, args=(child, self.log_path))
             self.proc.start()
             child.close()
         try:
@@ -760,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(cfg, pool_bytes)
     try:
         if cfg.peers:
-            print("peers: " + ", ".join(f"{k} {v}" for k, v in bench.peers.status().items()))
+            status = ", ".join(f"{k} {v}" for k, v in bench.peers.status().items())
+            print(f"peers: {status} (their logs: {bench.peers.log_path})")
         if "blocks" in cfg.sections:
             block_sweep(bench, rows, tick)
         if "kv" in cfg.sections:

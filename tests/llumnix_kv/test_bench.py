@@ -4,8 +4,10 @@ Speed is not asserted here (that is the benchmark's output)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import socket
 import threading
 from pathlib import Path
@@ -142,9 +144,10 @@ def test_short_bench_run_writes_every_row(
     assert "shm READ 4 MiB:" in printed and "of memcpy" in printed
 
 
-def test_peer_rows_run_in_a_process_of_their_own() -> None:
+def test_peer_rows_run_in_a_process_of_their_own(capfd: pytest.CaptureFixture[str]) -> None:
     """NIXL and Mooncake run in the runner's process: a row is measured (installed) or says
-    why not; closing stops the process, and a later call starts a fresh one."""
+    why not; what their libraries log goes to the runner's log file, not into the bench's
+    table; closing stops the process, and a later call starts a fresh one."""
     runner = kv_bench.PeerRunner(timeout_s=120)
     try:
         status = runner.status()
@@ -155,9 +158,13 @@ def test_peer_rows_run_in_a_process_of_their_own() -> None:
                 assert row.gbps > 0 and row.batches >= 3, row
             else:
                 assert row.note.startswith("not installed") and math.isnan(row.gbps)
+        assert capfd.readouterr().err == ""
+        assert os.path.exists(runner.log_path)
         first = runner.proc
         runner.close()
         assert first is not None and not first.is_alive()
         assert set(runner.status()) == {"nixl", "mooncake"} and runner.proc is not first
     finally:
         runner.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(runner.log_path)

@@ -361,11 +361,14 @@ class UcxLink : public Link {
     auto state = state_;
     auto t = transport_;
     std::function<void()> issue = [t, state, batch] { t->Issue(state, batch); };
-    // On one host, "auto" stages host-memory batches of any segment size: UCX moves active
-    // messages there by shared memory (rendezvous over cma), but a put/get of memory it did not
-    // allocate over tcp. Measured on the 2-core CI machine (ucx transport, 32 MiB batches),
-    // staged vs direct: 16 KiB blocks 5.2 vs 2.4 GB/s, 1 MiB 7.2 vs 4.3, 4 MiB 7.3-8.3 vs
-    // 3.7-4.1. Another host keeps direct put/get for large segments (RDMA where it exists).
+    // On one host, "auto" stages host-memory batches of any segment size. UCX (1.22; see
+    // UCX_PROTO_INFO=y) puts or gets each segment with one cma call (process_vm_writev) made
+    // by this process alone, but moves an IOV active-message payload through its sysv
+    // shared-memory FIFO in 8 KiB fragments, the sender copying in while the receiver copies
+    // out: two cores at work. Measured on the 2-core CI machine (32 MiB batches), staged vs
+    // direct: 16 KiB blocks 6.0-6.3 vs 2.4-2.6 GB/s, 1 MiB 7.7-9.2 vs 4.3-5.0. The FIFO's rate
+    // swings for seconds at a time (2.3-8 GB/s, both copying threads on their own cores; the
+    // cause is not known). Another host keeps direct put/get for large segments (RDMA).
     if (batch->opts.mode == "auto" && !batch->device &&
         state_->desc.host_id == transport_->host_id()) {
       batch->staged = true;
