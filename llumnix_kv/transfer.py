@@ -18,6 +18,7 @@ errors are :class:`llumnix_kv.errors.KvError` subclasses (``PeerLostError``,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import time
@@ -29,7 +30,7 @@ import numpy as np
 
 from llumnix_kv import _C
 from llumnix_kv._C import CopyPlan, KvLayout
-from llumnix_kv.errors import InvalidArgumentError
+from llumnix_kv.errors import InvalidArgumentError, KvError
 
 __all__ = ["Batch", "Notification", "Op", "Peer", "TransferEngine", "plan_segments"]
 
@@ -53,7 +54,11 @@ class Notification:
 
 
 class Batch:
-    """A submitted transfer. ``wait``/``poll`` raise the batch's typed error if it failed."""
+    """A submitted transfer. ``wait``/``poll`` raise the batch's typed error if it failed.
+
+    The engine keeps each batch's record (its segment table, its status) until :meth:`release`
+    or until this handle is garbage collected, whichever comes first. Dropping the handle of a
+    batch in flight does not stop it: it still lands and still sends its notification."""
 
     def __init__(self, engine: _C.TransferEngine, batch_id: int, nbytes: int) -> None:
         self._engine = engine
@@ -61,6 +66,7 @@ class Batch:
         self.nbytes = nbytes
         self.transport = ""
         self.staged = False  # whether it asked for staged mode (see TransferEngine.submit)
+        self._released = False
 
     def poll(self) -> bool:
         """True once every byte has landed."""
@@ -75,7 +81,14 @@ class Batch:
         self._engine.cancel(self.id)
 
     def release(self) -> None:
+        """Forgets the batch: later calls on this handle raise ``InvalidArgumentError``."""
+        self._released = True
         self._engine.release(self.id)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_released", True):
+            with contextlib.suppress(KvError):  # the engine is closed: nothing left to free
+                self._engine.release(self.id)
 
 
 def _span(obj: Any) -> tuple[int, int, int]:

@@ -338,6 +338,40 @@ def test_registrations_are_counted_and_released() -> None:
     eng.close()  # idempotent
 
 
+def test_a_dropped_batch_handle_frees_its_record_and_still_lands() -> None:
+    """The engine keeps a batch's record (its segment table) while its handle lives: released
+    explicitly or garbage collected, the id is unknown; a batch dropped in flight still lands
+    and still notifies."""
+    src = np.random.default_rng(3).integers(0, 256, 64 * BLOCK, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    with (
+        TransferEngine("p", transports=["tcp"]) as p,
+        TransferEngine("d", transports=["tcp"]) as d,
+    ):
+        p.register(src)
+        d.register(dst)
+        peer = p.add_peer(d.descriptor(), "tcp")
+        offs = np.arange(64, dtype=np.uint64) * BLOCK
+        lens = np.full(64, BLOCK, np.uint64)
+        segs = (src.ctypes.data + offs, dst.ctypes.data + offs, lens)
+
+        kept = p.submit(peer, "WRITE", *segs)
+        kept.wait(10)
+        assert kept.poll()  # the record lives as long as the handle
+        kept_id = kept.id
+        kept.release()
+        with pytest.raises(errors.InvalidArgumentError, match="unknown batch"):
+            p._engine.poll(kept_id)
+        del kept  # released twice (explicitly, then on collection): harmless
+
+        dst[:] = 0
+        dropped_id = p.submit(peer, "WRITE", *segs, notify=b"landed").id
+        with pytest.raises(errors.InvalidArgumentError, match="unknown batch"):
+            p._engine.poll(dropped_id)
+        assert d.wait_for(b"landed", 10).peer == "p"
+        assert np.array_equal(dst, src)
+
+
 @pytest.mark.parametrize("op", ["WRITE", "READ"])
 @pytest.mark.parametrize("past_cache", [False, True])
 def test_cpu_copy_at_every_alignment_and_length(op: str, past_cache: bool) -> None:
