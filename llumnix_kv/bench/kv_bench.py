@@ -61,7 +61,10 @@ BATCH_BYTES = 32 * MiB
 REQUEST_TOKENS = (16, 256, 1024, 4096, 32768)
 # The block sweep moves n = max(16, BATCH_BYTES // block) blocks among the first 2n of a pool.
 BLOCK_SPAN = max(2 * max(16, BATCH_BYTES // b) * b for b in BLOCK_SIZES)
-TIME_PER_ROW_S = 0.6  # each row repeats until about this long (3..50 batches)
+TIME_PER_ROW_S = 0.6  # each row repeats until about this long (3..MAX_BATCHES batches)
+# Batches a row measures at most. A ratio of two rows of 100 batches each on the 2-core CI
+# machine still moves by about 5% from run to run; at 50 it moved by up to 10%.
+MAX_BATCHES = 100
 
 
 @dataclass
@@ -111,11 +114,11 @@ def _stats(times: list[float], nbytes: int) -> tuple[float, float, float, float]
 
 def _repeat(run: Callable[[], None], seconds: float = TIME_PER_ROW_S) -> list[float]:
     """Per-call seconds: one warm-up call, then calls until about `seconds` have passed (3 to
-    50). The count does not follow the warm-up's time: a first batch into a fresh mapping pays
-    its page faults and can take a hundred times longer than the rest."""
+    MAX_BATCHES). The count does not follow the warm-up's time: a first batch into a fresh
+    mapping pays its page faults and can take a hundred times longer than the rest."""
     run()
     times: list[float] = []
-    while len(times) < 50 and (len(times) < 3 or sum(times) < seconds):
+    while len(times) < MAX_BATCHES and (len(times) < 3 or sum(times) < seconds):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
@@ -128,30 +131,29 @@ def _interleaved(
     """Per-batch seconds of each run, measured in rounds of one batch of every run, so that a
     slow spell of the machine (a busy neighbour, a daemon waking up) falls on a row and on its
     baseline alike instead of on whichever happened to be running; the order within a round is
-    shuffled. One warm-up batch each, then as many rounds as fit in about `seconds` per run
-    (3 to 50). A run that cannot move this memory gets the reason instead of times."""
-    first: dict[Any, float] = {}
+    shuffled. One warm-up batch each, then rounds until about `seconds` per run have passed
+    (3 to MAX_BATCHES). A run that cannot move this memory gets the reason instead of times."""
     out: dict[Any, list[float] | str] = {}
+    times: dict[Any, list[float]] = {}
     for key, run in runs.items():
-        t0 = time.perf_counter()
         try:
             run()
         except UnsupportedError as exc:
             out[key] = f"unsupported: {exc}"
             continue
-        first[key] = time.perf_counter() - t0
-        out[key] = []
-    if not first:
-        return out
-    rounds = int(min(50, max(3, seconds * len(first) / max(sum(first.values()), 1e-6))))
-    keys = list(first)
+        times[key] = []
+        out[key] = times[key]
+    keys = list(times)
     order = random.Random(len(keys))
-    for _ in range(rounds):
+    spent, rounds = 0.0, 0
+    while keys and rounds < MAX_BATCHES and (rounds < 3 or spent < seconds * len(keys)):
         order.shuffle(keys)  # no run always follows the same one (and its leftover work)
         for key in keys:
             t0 = time.perf_counter()
             runs[key]()
-            out[key].append(time.perf_counter() - t0)  # type: ignore[union-attr]
+            times[key].append(time.perf_counter() - t0)
+            spent += times[key][-1]
+        rounds += 1
     return out
 
 
@@ -688,7 +690,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         "--row-seconds",
         type=float,
         default=TIME_PER_ROW_S,
-        help="about this long per row (3 to 50 batches; default %(default)s)",
+        help=f"about this long per row (3 to {MAX_BATCHES} batches; default %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)

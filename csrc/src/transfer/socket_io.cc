@@ -88,6 +88,14 @@ Status RecvAll(int fd, void* buf, size_t n) {
   return Status::Ok();
 }
 
+Status WaitReadable(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  while (poll(&p, 1, -1) < 0) {
+    if (errno != EINTR) return FromErrno("poll");
+  }
+  return Status::Ok();
+}
+
 Status RecvAllIov(int fd, std::vector<iovec>& iov) {
   size_t first = 0;
   while (first < iov.size()) {
