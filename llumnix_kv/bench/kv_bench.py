@@ -613,9 +613,14 @@ def summary(rows: list[Row]) -> list[str]:
     return out
 
 
-def plot(rows: list[Row], path: str) -> None:
-    """Bandwidth against transfer size: one colour per transport, peer or baseline; WRITE
-    solid, READ dashed, baselines dotted."""
+def plot(rows: list[Row], path: str) -> list[str]:
+    """Bandwidth against transfer size, a panel for each of the blocks and kv sections that
+    has rows (the hetero section has one size): one colour per transport, peer or baseline;
+    WRITE solid, READ dashed, baselines dotted. Returns the sections drawn; writes nothing if
+    there are none."""
+    sections = [s for s in ("blocks", "kv") if any(r.section == s for r in rows)]
+    if not sections:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
@@ -624,8 +629,8 @@ def plot(rows: list[Row], path: str) -> None:
     whos = list(dict.fromkeys(r.who for r in rows))
     colors = plt.get_cmap("tab10" if len(whos) <= 10 else "tab20")
     style = {"WRITE": ("-", "o"), "READ": ("--", "^"), "-": (":", "s")}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, section in zip(axes, ("blocks", "kv"), strict=True):
+    fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 5), squeeze=False)
+    for ax, section in zip(axes[0], sections, strict=True):
         series: dict[tuple[str, str], list[tuple[int, float]]] = {}
         for r in rows:
             if r.section == section and r.gbps == r.gbps:
@@ -651,6 +656,8 @@ def plot(rows: list[Row], path: str) -> None:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return sections
 
 
 def _block_of(r: Row) -> int:
@@ -802,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
             w.writerows(asdict(r) for r in rows)
         print(f"wrote {args.csv}")
     if args.plot:
-        plot(rows, args.plot)
-        print(f"wrote {args.plot}")
+        if plot(rows, args.plot):
+            print(f"wrote {args.plot}")
+        else:
+            print(f"--plot: no blocks or kv rows to plot, {args.plot} not written")
     return 0
