@@ -142,6 +142,7 @@ def test_short_bench_run_writes_every_row(
         assert math.isfinite(r["gbps"]) and r["gbps"] > 0 and r["batches"] >= 3, r
     printed = capsys.readouterr().out
     assert "tcp WRITE 16 KiB:" in printed and "of raw socket" in printed
+    assert "tcp READ, all 5 block sizes:" in printed
     assert "shm READ 4 MiB:" in printed and "of memcpy" in printed
 
 
