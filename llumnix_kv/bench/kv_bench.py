@@ -62,8 +62,8 @@ REQUEST_TOKENS = (16, 256, 1024, 4096, 32768)
 # The block sweep moves n = max(16, BATCH_BYTES // block) blocks among the first 2n of a pool.
 BLOCK_SPAN = max(2 * max(16, BATCH_BYTES // b) * b for b in BLOCK_SIZES)
 TIME_PER_ROW_S = 0.6  # each row repeats until about this long (3..MAX_BATCHES batches)
-# Batches a row measures at most. A ratio of two rows of 100 batches each on the 2-core CI
-# machine still moves by about 5% from run to run; at 50 it moved by up to 10%.
+# Batches a row measures at most: the more rounds, the more of a shared machine's slow spells
+# average out (see summary() for what a ratio's run-to-run spread still is).
 MAX_BATCHES = 100
 
 
