@@ -1,5 +1,7 @@
 #include "thread_pool.h"
 
+#include <pthread.h>
+
 namespace llumnix_kv {
 
 ThreadPool::ThreadPool(int num_threads) {
@@ -36,6 +38,7 @@ void ThreadPool::Run(int n, const std::function<void(int)>& fn) {
 }
 
 void ThreadPool::Work(int index) {
+  pthread_setname_np(pthread_self(), "lkv-copy");
   uint64_t seen = 0;
   while (true) {
     const std::function<void(int)>* job;

@@ -9,6 +9,7 @@
 // registered region, the peer opens it once and copies with cudaMemcpy (CUDA resolves both
 // sides). The local transport is the same link with the peer's addresses used as they are.
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -118,6 +119,7 @@ class ShmLink : public Link {
 
  private:
   void Work() {
+    pthread_setname_np(pthread_self(), "lkv-shm");
     while (true) {
       std::shared_ptr<Batch> b;
       {

@@ -14,6 +14,7 @@
 // processes messages in order, so responses match requests first-in first-out.
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -198,6 +199,7 @@ class ServerConn {
 
  private:
   void Run() {
+    pthread_setname_np(pthread_self(), "lkv-tcp-serve");
     Status st = Serve();
     (void)st;  // the peer went away or broke the protocol: drop the connection
     done_ = true;
@@ -374,6 +376,7 @@ class ClientStream {
   }
 
   void SendLoop() {
+    pthread_setname_np(pthread_self(), "lkv-tcp-send");
     while (true) {
       Job job;
       {
@@ -431,6 +434,7 @@ class ClientStream {
   }
 
   void ReadLoop() {
+    pthread_setname_np(pthread_self(), "lkv-tcp-read");
     while (true) {
       Header h;
       // Waits in poll, not recv: the sender thread's WRITE payload would wake a recv at every
@@ -614,6 +618,7 @@ class TcpTransport : public Transport {
 
  private:
   void AcceptLoop() {
+    pthread_setname_np(pthread_self(), "lkv-tcp-accept");
     while (true) {
       pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_[0], POLLIN, 0}};
       if (poll(fds, 2, 1000) < 0 && errno != EINTR) return;

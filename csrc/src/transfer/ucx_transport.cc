@@ -11,6 +11,8 @@
 // flush; the part is done when every request and the flush completed, i.e. the data is remotely
 // complete.
 // A notification is active message kNotifyAm: header = the sender's agent name, data = the
+#include <pthread.h>
+
 #include "ucx_internal.h"
 
 namespace llumnix_kv {
@@ -20,6 +22,7 @@ namespace ucx {
 // Progress thread: setup, loop, teardown.
 
 void UcxTransport::Run(std::promise<Status>* ready) {
+  pthread_setname_np(pthread_self(), "lkv-ucx");
   thread_id_ = std::this_thread::get_id();
   const Status st = Init();
   if (!st.ok()) {
