@@ -2,8 +2,6 @@
 // per-link and per-operation state, and the UcxTransport and UcxLink classes.
 #pragma once
 
-// message (eager or rendezvous, any size).
-//
 // Staged mode (Batch::staged, host memory only) moves a batch as a few active messages instead
 // of one put/get per segment. The batch is cut into parts of at most kStagedPartBytes payload and
 // kStagedPartSegments segments (a longer segment is cut into pieces); each part is one request
@@ -343,9 +341,8 @@ class UcxTransport : public Transport {
   int64_t received_writes_ = 0;  // staged WRITE parts landed (EngineConfig::debug_corrupt_every)
 };
 
-// Cuts a staged batch into parts (see kStagedPartBytes); empty segments are left out.
-
-// Cuts a staged batch into parts of at most kStagedPartBytes and kStagedPartSegments.
+// Cuts a staged batch into parts of at most kStagedPartBytes and kStagedPartSegments; empty
+// segments are left out.
 StagedPlan PlanStaged(const Batch& batch);
 
 class UcxLink : public Link {

@@ -11,6 +11,7 @@
 // flush; the part is done when every request and the flush completed, i.e. the data is remotely
 // complete.
 // A notification is active message kNotifyAm: header = the sender's agent name, data = the
+// message (eager or rendezvous, any size). Staged mode: see ucx_internal.h.
 #include <pthread.h>
 
 #include "ucx_internal.h"
