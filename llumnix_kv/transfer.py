@@ -167,7 +167,13 @@ class TransferEngine:
         return self._engine.name
 
     def transports(self) -> list[str]:
+        """The transports this engine can use, best first."""
         return self._engine.transports()
+
+    def device_transports(self) -> list[str]:
+        """Those of :meth:`transports` that move CUDA device memory: local and shm where CUDA
+        is built in, ucx where its UCX knows CUDA memory; never tcp."""
+        return self._engine.device_transports()
 
     def alloc_shared(self, nbytes: int) -> np.ndarray:
         """A zeroed uint8 array in host memory that same-host peers map directly (the fast

@@ -118,6 +118,7 @@ void BindTransferEngine(py::module_& m) {
            py::arg("staged_below_bytes") = 64 << 10, py::arg("debug_corrupt_every") = 0)
       .def_property_readonly("name", &TransferEngine::name)
       .def("transports", &TransferEngine::transports)
+      .def("device_transports", &TransferEngine::device_transports)
       .def(
           "alloc_shared",
           [](TransferEngine& e, uint64_t bytes) {

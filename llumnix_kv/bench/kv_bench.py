@@ -325,7 +325,9 @@ def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None
     cfg = bench.cfg
     rng = np.random.default_rng(cfg.seed)
     streams = cfg.tcp_streams
-    with raw_socket(streams) as raw:
+    with contextlib.ExitStack() as stack:
+        # The raw socket is tcp's baseline: measured in the runs that have tcp.
+        raw = stack.enter_context(raw_socket(streams)) if "tcp" in cfg.transports else None
         for block in BLOCK_SIZES:
             n = max(16, BATCH_BYTES // block)
             nbytes = n * block
@@ -337,11 +339,10 @@ def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None
                 for i, j in zip(src_ids, dst_ids, strict=True)
             ]
             with memcpy_batch(nbytes, cfg.device) as (copy, _):
-                runs: dict[Any, Callable[[], None]] = {
-                    "memcpy": copy,
-                    "raw": raw(same),
-                    "contiguous": raw([(0, 0, nbytes)]),
-                }
+                runs: dict[Any, Callable[[], None]] = {"memcpy": copy}
+                if raw is not None:
+                    runs["raw"] = raw(same)
+                    runs["contiguous"] = raw([(0, 0, nbytes)])
                 for transport in cfg.transports:
                     peer, remote_base = bench.link(transport)
                     segs = (
@@ -359,7 +360,9 @@ def block_sweep(bench: Bench, rows: list[Row], tick: Callable[[], None]) -> None
                 ("raw", "raw socket (tcp ceiling)", n),
                 ("contiguous", "raw socket, contiguous", 1),
             ):
-                rows.append(_row("blocks", who, "-", label, nbytes, segments, streams, times[kind]))
+                if kind in times:
+                    row = _row("blocks", who, "-", label, nbytes, segments, streams, times[kind])
+                    rows.append(row)
             tick()
             for transport in cfg.transports:
                 for op in cfg.ops:
@@ -584,8 +587,9 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
-def summary(rows: list[Row]) -> list[str]:
-    """The ratios the project tracks, from this run's rows."""
+def summary(rows: list[Row], device: bool = False) -> list[str]:
+    """The ratios the project tracks, from this run's rows. In a run on device memory
+    (`device`) every transport is set against the device-to-device memcpy ceiling."""
     out = []
 
     def find(section: str, who: str, op: str, size: str) -> Row | None:
@@ -597,10 +601,10 @@ def summary(rows: list[Row]) -> list[str]:
         if r.section != "blocks" or r.op == "-":
             continue
         block = int(r.size.split()[0]) * (MiB if "MiB" in r.size else KiB)
-        if r.who == "shm" and block >= 256 * KiB:
+        if (r.who == "shm" or device) and block >= 256 * KiB:
             ceil = find("blocks", "memcpy (ceiling)", "-", r.size)
             if ceil:
-                out.append(f"shm {r.op} {r.size}: {r.gbps / ceil.gbps:.2f} of memcpy")
+                out.append(f"{r.who} {r.op} {r.size}: {r.gbps / ceil.gbps:.2f} of memcpy")
         if r.who == "tcp":
             ceil = find("blocks", "raw socket (tcp ceiling)", "-", r.size)
             if ceil:
@@ -724,11 +728,13 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     a = p.parse_args(argv)
     model = model_from_config(a.model_config) if a.model_config else MODELS[a.model]
     with TransferEngine("probe") as probe:
-        built = probe.transports()
+        # With --device cuda only the transports that move device memory (never tcp).
+        built = probe.device_transports() if a.device == "cuda" else probe.transports()
     transports = a.transport or [t for t in ("local", "shm", "ucx", "tcp") if t in built]
     missing = [t for t in transports if t not in built]
     if missing:
-        p.error(f"transport(s) {missing} are not built here (have {built})")
+        memory = "CUDA device memory" if a.device == "cuda" else "memory"
+        p.error(f"transport(s) {missing} cannot move {memory} here (can: {built})")
     cfg = Config(
         model=model,
         layout=a.layout,
@@ -809,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s")
-    for line in summary(rows):
+    for line in summary(rows, cfg.device >= 0):
         print("  " + line)
     if args.json:
         with open(args.json, "w") as f:

@@ -146,6 +146,36 @@ def test_short_bench_run_writes_every_row(
     assert "shm READ 4 MiB:" in printed and "of memcpy" in printed
 
 
+def test_device_runs_take_only_transports_that_move_device_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):  # tcp never moves device memory
+        kv_bench.parse(["--device", "cuda", "--transport", "tcp"])
+    assert "cannot move CUDA device memory" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_short_bench_run_on_device_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every transport that moves device memory, against the device-to-device memcpy."""
+    cfg, _ = kv_bench.parse(["--device", "cuda"])
+    assert cfg.device == 0 and "local" in cfg.transports and "tcp" not in cfg.transports
+    out = tmp_path / "kv.json"
+    argv = ["--device", "cuda", "--max-tokens", "256", "--no-progress", "--row-seconds", "0.01"]
+    assert kv_bench.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert not any(r["who"].startswith("raw socket") for r in rows)
+    keys = {(r["section"], r["who"], r["op"], r["size"]) for r in rows}
+    for transport in cfg.transports:
+        for op in ("WRITE", "READ"):
+            assert ("blocks", transport, op, "4 MiB") in keys
+            assert ("kv", transport, op, "256 tok") in keys
+    for r in rows:
+        assert math.isfinite(r["gbps"]) and r["gbps"] > 0 and r["batches"] >= 3, r
+    assert "local WRITE 4 MiB:" in capsys.readouterr().out
+
+
 def test_peer_rows_run_in_a_process_of_their_own(capfd: pytest.CaptureFixture[str]) -> None:
     """NIXL and Mooncake run in the runner's process: a row is measured (installed) or says
     why not; what their libraries log goes to the runner's log file, not into the bench's

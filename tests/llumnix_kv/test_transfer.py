@@ -416,6 +416,14 @@ def test_cpu_copy_at_every_alignment_and_length(op: str, past_cache: bool) -> No
     assert not dst[~written].any()
 
 
+def test_device_transports_are_a_subset_without_tcp() -> None:
+    with TransferEngine("d") as eng:
+        device = eng.device_transports()
+        assert set(device) <= set(eng.transports()) and "tcp" not in device
+        # local and shm copy device memory with the CUDA executors, where they are built in
+        assert ("local" in device) == ("shm" in device) == _C.cuda_compiled()
+
+
 def test_register_layout_registers_each_region() -> None:
     lay = kvl.vllm_flash_attn([torch.ones(2, 4, 16, 2, 32, dtype=torch.float16) for _ in range(3)])
     with TransferEngine("g", transports=["local"]) as eng:

@@ -172,6 +172,14 @@ class EngineImpl : public TransferEngine, public EngineServices {
     return out;
   }
 
+  std::vector<std::string> device_transports() const override {
+    std::vector<std::string> out;
+    for (const auto& t : transports_) {
+      if (t->SupportsDevice()) out.push_back(t->Name());
+    }
+    return out;
+  }
+
   Status AllocShared(uint64_t bytes, uint64_t* addr) override {
     if (bytes == 0) return Status::InvalidArgument("cannot allocate 0 bytes");
     const int fd = memfd_create(("llumnix-kv-" + config_.name).c_str(), MFD_CLOEXEC);

@@ -24,6 +24,8 @@ class TransferEngine {
 
   virtual const std::string& name() const = 0;
   virtual std::vector<std::string> transports() const = 0;  // usable here, best first
+  // Those of transports() that move CUDA device memory (none where CUDA is not built in).
+  virtual std::vector<std::string> device_transports() const = 0;
 
   // Host memory any same-host peer can map (zero-copy shm); registered like any memory.
   virtual Status AllocShared(uint64_t bytes, uint64_t* addr) = 0;
