@@ -5,7 +5,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -69,6 +72,67 @@ Status FromCuda(cudaError_t err, const char* what) {
 
 cudaStream_t AsStream(uint64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
+// Cuts [src, src + len) -> dst into pieces of at most kPieceBytes.
+void AddPieces(uint64_t src, uint64_t dst, uint64_t len, std::vector<Piece>* pieces) {
+  for (uint64_t off = 0; off < len; off += kPieceBytes) {
+    pieces->push_back({src + off, dst + off, std::min(kPieceBytes, len - off)});
+  }
+}
+
+// The current device's pool for piece tables, created on first use. It keeps freed memory for
+// the next launch: the device's default pool hands it back to the driver at every
+// synchronisation, and mapping it again cost about 0.3 ms a launch.
+Status PiecePool(cudaMemPool_t* out) {
+  static std::mutex mu;
+  static auto* pools = new std::map<int, cudaMemPool_t>();  // never freed: used until exit
+  int device = 0;
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaGetDevice(&device), "cudaGetDevice"));
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = pools->find(device);
+  if (it == pools->end()) {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool;
+    LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate"));
+    uint64_t keep = UINT64_MAX;
+    LLUMNIX_KV_RETURN_IF_ERROR(
+        FromCuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+                 "cudaMemPoolSetAttribute"));
+    it = pools->emplace(device, pool).first;
+  }
+  *out = it->second;
+  return Status::Ok();
+}
+
+// Uploads the piece table and launches one CopyPiecesKernel on `stream`; returns once launched.
+Status LaunchPieces(const std::vector<Piece>& pieces, uint64_t stream) {
+  if (pieces.empty()) return Status::Ok();
+  const cudaStream_t s = AsStream(stream);
+  const size_t bytes = pieces.size() * sizeof(Piece);
+  cudaMemPool_t pool;
+  LLUMNIX_KV_RETURN_IF_ERROR(PiecePool(&pool));
+  Piece* device_pieces = nullptr;
+  LLUMNIX_KV_RETURN_IF_ERROR(
+      FromCuda(cudaMallocFromPoolAsync(reinterpret_cast<void**>(&device_pieces), bytes, pool, s),
+               "cudaMallocFromPoolAsync"));
+  // From pageable memory this returns once `pieces` has been staged, so it may go out of scope.
+  Status st =
+      FromCuda(cudaMemcpyAsync(device_pieces, pieces.data(), bytes, cudaMemcpyHostToDevice, s),
+               "cudaMemcpyAsync(pieces)");
+  if (st.ok()) {
+    const int64_t n = static_cast<int64_t>(pieces.size());
+    const int warps_per_block = kThreadsPerBlock / 32;
+    const int blocks = static_cast<int>(
+        std::min<int64_t>((n + warps_per_block - 1) / warps_per_block, kMaxBlocks));
+    CopyPiecesKernel<<<blocks, kThreadsPerBlock, 0, s>>>(device_pieces, n);
+    st = FromCuda(cudaGetLastError(), "CopyPiecesKernel launch");
+  }
+  const Status freed = FromCuda(cudaFreeAsync(device_pieces, s), "cudaFreeAsync");
+  return st.ok() ? freed : st;
+}
+
 }  // namespace
 
 bool CudaCompiled() { return true; }
@@ -94,31 +158,9 @@ Status CopyCuda(const CopyPlan& plan, CopyMode mode, const CopyTarget& target, u
   for (size_t i = 0; i < plan.size(); ++i) {
     uint64_t src, dst;
     ResolveSegment(plan, i, mode, target, &src, &dst);
-    const uint64_t len = static_cast<uint64_t>(plan.len[i]);
-    for (uint64_t off = 0; off < len; off += kPieceBytes) {
-      pieces.push_back({src + off, dst + off, std::min(kPieceBytes, len - off)});
-    }
+    AddPieces(src, dst, static_cast<uint64_t>(plan.len[i]), &pieces);
   }
-  if (pieces.empty()) return Status::Ok();
-  const cudaStream_t s = AsStream(stream);
-  const size_t bytes = pieces.size() * sizeof(Piece);
-  Piece* device_pieces = nullptr;
-  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(
-      cudaMallocAsync(reinterpret_cast<void**>(&device_pieces), bytes, s), "cudaMallocAsync"));
-  // From pageable memory this returns once `pieces` has been staged, so it may go out of scope.
-  Status st =
-      FromCuda(cudaMemcpyAsync(device_pieces, pieces.data(), bytes, cudaMemcpyHostToDevice, s),
-               "cudaMemcpyAsync(pieces)");
-  if (st.ok()) {
-    const int64_t n = static_cast<int64_t>(pieces.size());
-    const int warps_per_block = kThreadsPerBlock / 32;
-    const int blocks = static_cast<int>(
-        std::min<int64_t>((n + warps_per_block - 1) / warps_per_block, kMaxBlocks));
-    CopyPiecesKernel<<<blocks, kThreadsPerBlock, 0, s>>>(device_pieces, n);
-    st = FromCuda(cudaGetLastError(), "CopyPiecesKernel launch");
-  }
-  const Status freed = FromCuda(cudaFreeAsync(device_pieces, s), "cudaFreeAsync");
-  return st.ok() ? freed : st;
+  return LaunchPieces(pieces, stream);
 }
 
 Status CudaMemcpy(uint64_t dst, uint64_t src, uint64_t bytes, uint64_t stream) {
@@ -149,14 +191,34 @@ Status CudaMemcpyHostDevice(uint64_t dst, uint64_t src, uint64_t bytes) {
                   "cudaMemcpy");
 }
 
-Status CudaCopyPieces(const std::vector<CopyPiece>& pieces, uint64_t stream) {
-  for (const CopyPiece& p : pieces) {
-    LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(
-        cudaMemcpyAsync(reinterpret_cast<void*>(p.dst), reinterpret_cast<const void*>(p.src), p.len,
-                        cudaMemcpyDefault, AsStream(stream)),
-        "cudaMemcpyAsync"));
+Status CudaCopyPieces(const std::vector<CopyPiece>& pieces, bool device_only, uint64_t stream) {
+  if (device_only) {
+    std::vector<Piece> split;
+    split.reserve(pieces.size());
+    for (const CopyPiece& p : pieces) AddPieces(p.src, p.dst, p.len, &split);
+    LLUMNIX_KV_RETURN_IF_ERROR(LaunchPieces(split, stream));
+  } else {
+    for (const CopyPiece& p : pieces) {
+      LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(
+          cudaMemcpyAsync(reinterpret_cast<void*>(p.dst), reinterpret_cast<const void*>(p.src),
+                          p.len, cudaMemcpyDefault, AsStream(stream)),
+          "cudaMemcpyAsync"));
+    }
   }
   return CudaStreamSynchronize(stream);
+}
+
+Status CudaStreamCreate(int device, uint64_t* stream) {
+  LLUMNIX_KV_RETURN_IF_ERROR(FromCuda(cudaSetDevice(device), "cudaSetDevice"));
+  cudaStream_t s = nullptr;
+  LLUMNIX_KV_RETURN_IF_ERROR(
+      FromCuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"));
+  *stream = reinterpret_cast<uint64_t>(s);
+  return Status::Ok();
+}
+
+Status CudaStreamDestroy(uint64_t stream) {
+  return FromCuda(cudaStreamDestroy(AsStream(stream)), "cudaStreamDestroy");
 }
 
 namespace {

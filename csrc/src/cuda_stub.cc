@@ -15,7 +15,9 @@ Status CudaStreamSynchronize(uint64_t) { return NoCuda(); }
 Status CudaMalloc(uint64_t, int, uint64_t*) { return NoCuda(); }
 Status CudaFree(uint64_t) { return NoCuda(); }
 Status CudaMemcpyHostDevice(uint64_t, uint64_t, uint64_t) { return NoCuda(); }
-Status CudaCopyPieces(const std::vector<CopyPiece>&, uint64_t) { return NoCuda(); }
+Status CudaCopyPieces(const std::vector<CopyPiece>&, bool, uint64_t) { return NoCuda(); }
+Status CudaStreamCreate(int, uint64_t*) { return NoCuda(); }
+Status CudaStreamDestroy(uint64_t) { return NoCuda(); }
 Status CudaIpcExport(uint64_t, std::string*, uint64_t*, uint64_t*, int*) { return NoCuda(); }
 Status CudaIpcOpen(const std::string&, int, uint64_t*) { return NoCuda(); }
 Status CudaIpcClose(uint64_t) { return NoCuda(); }

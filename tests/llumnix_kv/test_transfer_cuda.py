@@ -3,6 +3,7 @@ between processes). Skipped where no CUDA device is usable (tests/conftest.py)."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import numpy as np
@@ -86,3 +87,41 @@ def test_shm_cuda_ipc_between_processes(op: str) -> None:
             assert child.call("notifications", 5) == [("h", b"done")]
     finally:
         _C.cuda_free(d_local)
+
+
+@pytest.mark.parametrize("transport", ["local", "shm"])
+def test_device_batches_do_not_wait_for_the_default_stream(transport: str) -> None:
+    """An inference engine keeps the legacy default stream busy; a transfer on device memory
+    runs on the link's own non-blocking stream and lands while that work is still running."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    src = np.random.default_rng(5).integers(0, 256, N * BLOCK, dtype=np.uint8)
+    d_src, d_dst = _device_buffer(src), _device_buffer(np.zeros(N * BLOCK, np.uint8))
+    ids = np.arange(N)[::-1].copy()
+    try:
+        with contextlib.ExitStack() as stack:
+            eng = stack.enter_context(TransferEngine("s", transports=[transport]))
+            eng.register((d_src, N * BLOCK, 0))
+            if transport == "local":
+                other = stack.enter_context(TransferEngine("o", transports=["local"]))
+                other.register((d_dst, N * BLOCK, 0))
+                peer, remote = eng.add_peer(other.descriptor(), "local"), d_dst
+            else:
+                child = stack.enter_context(PeerProcess(["shm"], N * BLOCK, device=0))
+                peer, remote = eng.add_peer(child.descriptor, "shm"), child.addr
+            segs = _segments(d_src, remote, ids)
+            eng.submit(peer, "WRITE", *segs).wait(10)  # warm: stream, module, IPC mapping
+            torch.cuda._sleep(4_000_000_000)  # seconds of GPU time on stream 0
+            eng.submit(peer, "WRITE", *segs).wait(10)
+            assert not torch.cuda.default_stream().query(), "stream 0 ended first"
+            if transport == "local":
+                out = _read(d_dst, N * BLOCK)
+                for i, j in enumerate(ids):
+                    assert np.array_equal(
+                        out[j * BLOCK : (j + 1) * BLOCK], src[i * BLOCK : (i + 1) * BLOCK]
+                    )
+    finally:
+        torch.cuda.synchronize()  # the sleep, before the buffers go
+        _C.cuda_free(d_src)
+        _C.cuda_free(d_dst)

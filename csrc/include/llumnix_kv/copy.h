@@ -71,9 +71,16 @@ Status CudaMalloc(uint64_t bytes, int device, uint64_t* ptr);
 Status CudaFree(uint64_t ptr);
 Status CudaMemcpyHostDevice(uint64_t dst, uint64_t src, uint64_t bytes);  // synchronous, any way
 
-// Copies pieces between any mix of host and device memory (cudaMemcpyDefault) on `stream`, then
-// waits for them.
-Status CudaCopyPieces(const std::vector<CopyPiece>& pieces, uint64_t stream);
+// Copies pieces on `stream` (of the current device) and waits for them. With `device_only`
+// (every source and destination is memory the device addresses: its own, or another process's
+// opened by CUDA IPC) one kernel launch moves them all; otherwise each piece is one
+// cudaMemcpyAsync (cudaMemcpyDefault: host memory may be pageable).
+Status CudaCopyPieces(const std::vector<CopyPiece>& pieces, bool device_only, uint64_t stream);
+
+// A stream on `device` that does not synchronise with the legacy default stream (so transfers
+// never wait for, or hold up, an inference engine's work there); makes `device` current.
+Status CudaStreamCreate(int device, uint64_t* stream);
+Status CudaStreamDestroy(uint64_t stream);
 
 // CUDA IPC, the shm transport's path for device memory. Export gives the IPC handle of the device
 // allocation holding `ptr` (kCudaIpcHandleBytes bytes), that allocation's size, the offset of

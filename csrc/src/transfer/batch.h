@@ -37,8 +37,10 @@ class Batch {
   uint64_t bytes = 0;
   Clock::time_point deadline = Clock::time_point::max();
   std::string transport;
-  bool device = false;  // some segment is in CUDA device memory
-  bool staged = false;  // SubmitOptions::mode resolved: gather, one message, scatter
+  bool device = false;       // some segment is in CUDA device memory
+  bool device_only = false;  // every segment is device memory on both sides
+  int32_t cuda_device = -1;  // the device of the first device-memory segment
+  bool staged = false;       // SubmitOptions::mode resolved: gather, one message, scatter
   std::atomic<bool> cancelled{false};
   // False once the peer is known to be gone (its control connection closed); checked while
   // the batch is pending, so a batch to a dead peer fails even if its transport would hang.

@@ -372,7 +372,8 @@ class EngineImpl : public TransferEngine, public EngineServices {
     if (!control->Alive() || !link->Alive()) {
       return Status(Status::Code::kPeerLost, "peer " + peer.desc.name + " is gone");
     }
-    bool device = false;
+    bool device = false, device_only = !segs.empty();
+    int32_t cuda_device = -1;
     for (const Segment& s : segs) {
       int32_t dev = -1;
       auto r = regions_.upper_bound(s.local);
@@ -388,6 +389,8 @@ class EngineImpl : public TransferEngine, public EngineServices {
                       "remote segment is not inside memory peer " + peer.desc.name + " registered");
       }
       device = device || dev >= 0 || remote->device >= 0;
+      device_only = device_only && dev >= 0 && remote->device >= 0;
+      if (cuda_device < 0) cuda_device = dev >= 0 ? dev : remote->device;
     }
     if (device && !TransportSupportsDevice(tname)) {
       return Status::Unsupported("transport '" + tname + "' cannot move CUDA device memory");
@@ -402,6 +405,8 @@ class EngineImpl : public TransferEngine, public EngineServices {
                                               batch->bytes / nsegs < config_.staged_below_bytes);
     batch->transport = tname;
     batch->device = device;
+    batch->device_only = device_only;
+    batch->cuda_device = cuda_device;
     // Weak references: a batch may outlive its peer (RemovePeer), and then counts as lost.
     std::weak_ptr<Link> weak_control = control, weak_link = link;
     batch->peer_alive = [weak_control] {

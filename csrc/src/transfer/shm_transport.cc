@@ -6,8 +6,10 @@
 // copy inside one process, and nothing is left behind in /dev/shm when a process dies. Other
 // host memory is reached with process_vm_readv/writev (cross-memory attach), a kernel copy.
 // Device memory goes through CUDA IPC: the owner exports the handle of the allocation holding a
-// registered region, the peer opens it once and copies with cudaMemcpy (CUDA resolves both
-// sides). The local transport is the same link with the peer's addresses used as they are.
+// registered region, the peer opens it once and copies on its link's own non-blocking stream:
+// one kernel launch for a batch that is device memory on both sides, else one cudaMemcpy a
+// segment (CUDA resolves both sides). The local transport is the same link with the peer's
+// addresses used as they are.
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -76,12 +78,19 @@ class ShmLink : public Link {
       if (it == r.keys.end()) continue;
       ShmKey key;
       LLUMNIX_KV_RETURN_IF_ERROR(ParseKey(it->second, &key));
-      if (key.fd == ShmKey::kCudaIpc && !ipc_maps_.count(key.ipc_handle)) {
-        uint64_t base = 0;
-        LLUMNIX_KV_RETURN_IF_ERROR(CudaIpcOpen(key.ipc_handle, key.device, &base));
-        ipc_maps_[key.ipc_handle] = base;
+      if (key.fd == ShmKey::kCudaIpc) {
+        if (!ipc_maps_.count(key.ipc_handle)) {
+          uint64_t base = 0;
+          LLUMNIX_KV_RETURN_IF_ERROR(CudaIpcOpen(key.ipc_handle, key.device, &base));
+          ipc_maps_[key.ipc_handle] = base;
+        }
+        here_[r.addr] = {r.len, ipc_maps_[key.ipc_handle] + key.offset};
       }
-      if (key.fd < 0 || maps_.count(key.fd)) continue;
+      if (key.fd < 0) continue;
+      if (maps_.count(key.fd)) {
+        here_[r.addr] = {r.len, reinterpret_cast<uint64_t>(maps_[key.fd].first) + key.offset};
+        continue;
+      }
       const std::string path =
           "/proc/" + std::to_string(peer_.pid) + "/fd/" + std::to_string(key.fd);
       const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
@@ -93,6 +102,7 @@ class ShmLink : public Link {
       close(fd);
       if (base == MAP_FAILED) return Status::Internal("mmap of peer memory failed");
       maps_[key.fd] = {base, key.size};
+      here_[r.addr] = {r.len, reinterpret_cast<uint64_t>(base) + key.offset};
     }
     return Status::Ok();
   }
@@ -125,7 +135,7 @@ class ShmLink : public Link {
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [this] { return closed_ || !queue_.empty(); });
-        if (closed_) return;
+        if (closed_) break;
         b = queue_.front();
         queue_.pop_front();
       }
@@ -136,38 +146,43 @@ class ShmLink : public Link {
       const Status st = Copy(*b);
       b->PartDone(st, st.ok() ? b->bytes : 0);
     }
+    if (stream_ != 0) (void)CudaStreamDestroy(stream_);
+  }
+
+  // This worker's CUDA stream on `device` (made current), created on first use.
+  Status UseDevice(int32_t device) {
+    if (stream_ != 0 && stream_device_ == device) return Status::Ok();
+    if (stream_ != 0) (void)CudaStreamDestroy(stream_);
+    stream_ = 0;
+    LLUMNIX_KV_RETURN_IF_ERROR(CudaStreamCreate(device, &stream_));
+    stream_device_ = device;
+    return Status::Ok();
   }
 
   // The peer's address as a pointer here, or 0 if it must go through cross-memory attach.
   uint64_t Translate(uint64_t remote, uint64_t len) const {
     if (identity_) return remote;
-    const RemoteRegion* r = peer_.Find(remote, len);
-    if (r == nullptr) return 0;
-    auto it = r->keys.find("shm");
-    ShmKey key;
-    if (it == r->keys.end() || !ParseKey(it->second, &key).ok()) return 0;
-    uint64_t base = 0;
-    if (key.fd == ShmKey::kCudaIpc) {
-      auto m = ipc_maps_.find(key.ipc_handle);
-      if (m != ipc_maps_.end()) base = m->second;
-    } else if (key.fd >= 0) {
-      auto m = maps_.find(key.fd);
-      if (m != maps_.end()) base = reinterpret_cast<uint64_t>(m->second.first);
-    }
-    return base == 0 ? 0 : base + key.offset + (remote - r->addr);
+    auto it = here_.upper_bound(remote);
+    if (it == here_.begin()) return 0;
+    --it;
+    const auto [region_len, base] = it->second;
+    if (remote + len < remote || remote + len > it->first + region_len) return 0;
+    return base + (remote - it->first);
   }
 
   Status Copy(const Batch& b) {
     const bool write = b.op == TransferOp::kWrite;
     if (b.device) {  // CUDA resolves host and device addresses alike (UVA, IPC mappings)
       std::vector<CopyPiece> pieces;
+      pieces.reserve(b.segs.size());
       for (const Segment& s : b.segs) {
         const uint64_t remote = Translate(s.remote, s.len);
         if (remote == 0) return Status::Unsupported("device memory of the peer is not mapped");
         pieces.push_back(write ? CopyPiece{s.local, remote, s.len}
                                : CopyPiece{remote, s.local, s.len});
       }
-      return CudaCopyPieces(pieces, 0);
+      LLUMNIX_KV_RETURN_IF_ERROR(UseDevice(b.cuda_device));
+      return CudaCopyPieces(pieces, b.device_only, stream_);
     }
     std::vector<CopyPiece> pieces;
     std::vector<iovec> local_iov, remote_iov;
@@ -207,11 +222,15 @@ class ShmLink : public Link {
   const bool identity_;
   std::map<int32_t, std::pair<void*, uint64_t>> maps_;  // peer fd -> (base, size)
   std::map<std::string, uint64_t> ipc_maps_;            // CUDA IPC handle -> base here
+  // Each mapped region of the peer: its address there -> (length, its address here).
+  std::map<uint64_t, std::pair<uint64_t, uint64_t>> here_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Batch>> queue_;
   bool closed_ = false;
   std::atomic<bool> lost_{false};
+  uint64_t stream_ = 0;  // the worker's CUDA stream (a cudaStream_t), 0 until a device batch
+  int32_t stream_device_ = -1;
   std::thread worker_;
 };
 
