@@ -71,6 +71,7 @@ class ShmLink : public Link {
     for (auto& [handle, base] : ipc_maps_) (void)CudaIpcClose(base);
   }
 
+  // Maps every region the peer shares with this host once; Translate then finds them in here_.
   Status Map() {
     if (identity_) return Status::Ok();
     for (const RemoteRegion& r : peer_.regions) {
@@ -78,19 +79,33 @@ class ShmLink : public Link {
       if (it == r.keys.end()) continue;
       ShmKey key;
       LLUMNIX_KV_RETURN_IF_ERROR(ParseKey(it->second, &key));
+      uint64_t base = 0;  // the peer's allocation holding the region, here
       if (key.fd == ShmKey::kCudaIpc) {
-        if (!ipc_maps_.count(key.ipc_handle)) {
-          uint64_t base = 0;
-          LLUMNIX_KV_RETURN_IF_ERROR(CudaIpcOpen(key.ipc_handle, key.device, &base));
-          ipc_maps_[key.ipc_handle] = base;
-        }
-        here_[r.addr] = {r.len, ipc_maps_[key.ipc_handle] + key.offset};
+        LLUMNIX_KV_RETURN_IF_ERROR(OpenIpc(key, &base));
+      } else if (key.fd >= 0) {
+        LLUMNIX_KV_RETURN_IF_ERROR(MapFd(key, &base));
+      } else {
+        continue;  // reached by cross-memory attach
       }
-      if (key.fd < 0) continue;
-      if (maps_.count(key.fd)) {
-        here_[r.addr] = {r.len, reinterpret_cast<uint64_t>(maps_[key.fd].first) + key.offset};
-        continue;
-      }
+      here_[r.addr] = {r.len, base + key.offset};
+    }
+    return Status::Ok();
+  }
+
+  Status OpenIpc(const ShmKey& key, uint64_t* base) {
+    auto m = ipc_maps_.find(key.ipc_handle);
+    if (m == ipc_maps_.end()) {
+      uint64_t opened = 0;
+      LLUMNIX_KV_RETURN_IF_ERROR(CudaIpcOpen(key.ipc_handle, key.device, &opened));
+      m = ipc_maps_.emplace(key.ipc_handle, opened).first;
+    }
+    *base = m->second;
+    return Status::Ok();
+  }
+
+  Status MapFd(const ShmKey& key, uint64_t* base) {
+    auto m = maps_.find(key.fd);
+    if (m == maps_.end()) {
       const std::string path =
           "/proc/" + std::to_string(peer_.pid) + "/fd/" + std::to_string(key.fd);
       const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
@@ -98,12 +113,12 @@ class ShmLink : public Link {
         return Status(Status::Code::kPeerLost,
                       "cannot open the peer's shared memory " + path + ": " + strerror(errno));
       }
-      void* base = mmap(nullptr, key.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      void* p = mmap(nullptr, key.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       close(fd);
-      if (base == MAP_FAILED) return Status::Internal("mmap of peer memory failed");
-      maps_[key.fd] = {base, key.size};
-      here_[r.addr] = {r.len, reinterpret_cast<uint64_t>(base) + key.offset};
+      if (p == MAP_FAILED) return Status::Internal("mmap of peer memory failed");
+      m = maps_.emplace(key.fd, std::make_pair(p, key.size)).first;
     }
+    *base = reinterpret_cast<uint64_t>(m->second.first);
     return Status::Ok();
   }
 
