@@ -270,6 +270,17 @@ class _Handlers:
         counters = getattr(self._connector, "counters", None)
         return dict(counters()) if counters is not None else {}
 
+    def blocks(self) -> dict[str, int]:
+        """The scheduler's requests (finished ones whose blocks a connector holds count) and
+        its KV block pool: what a leak shows up in."""
+        scheduler = self.llm.llm_engine.engine_core.engine_core.scheduler
+        pool = scheduler.kv_cache_manager.block_pool
+        return {
+            "requests": len(scheduler.requests),
+            "free_blocks": pool.get_num_free_blocks(),
+            "total_blocks": pool.num_gpu_blocks - 1,  # block 0 is the null block
+        }
+
     def drain(self, timeout: float) -> int:
         """Steps the engine until no request is left (PD holds included) or ``timeout``;
         returns the requests left."""

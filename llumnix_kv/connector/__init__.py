@@ -8,6 +8,14 @@ prefill instance gives a decode instance is a :class:`PdHandoff`. Engine plugins
 (:mod:`llumnix_kv.plugins`) translate their engine's hooks into these calls; nothing here
 imports an engine. :mod:`llumnix_kv.connector.offload` saves full blocks to the store tiers
 (:mod:`llumnix_kv.store`) and loads them back on a later prefix hit.
+
+Invariant: no wait without a deadline, and every deadline is enforced by the engine's own
+step. Nothing here blocks a step (connects, notices and store reads run on background
+threads; transfers are asynchronous batches that a step polls). Every load ends, by its
+deadline at the latest, as done or as failed for exactly the local blocks it was filling (the
+engine recomputes them or fails the request); a failed or abandoned load writes nothing
+after it was reported. Every hold of blocks for a reader ends at its deadline, and a reader
+never reads past it (:func:`~llumnix_kv.connector.pd.load_deadline`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ class PdHandoff:
         block_ids: the prefill's block table for the request (entry i holds tokens
             ``[i * block_tokens, (i + 1) * block_tokens)``).
         num_tokens: tokens whose KV the prefill computed (a prefix of the prompt).
+        expires_at: wall-clock time (``time.time()``) at which the prefill frees the blocks
+            if no read notice came (its hold starts later, so it frees them no earlier), or
+            None when it did not say. A decode never reads them past it.
     """
 
     request_id: str
@@ -39,6 +42,7 @@ class PdHandoff:
     layout: Mapping[str, Any]
     block_ids: tuple[int, ...]
     num_tokens: int
+    expires_at: float | None = None
 
     def to_params(self) -> dict[str, Any]:
         return {
@@ -48,6 +52,7 @@ class PdHandoff:
             "layout": dict(self.layout),
             "block_ids": list(self.block_ids),
             "num_tokens": self.num_tokens,
+            "expires_at": self.expires_at,
         }
 
     @classmethod
@@ -60,6 +65,7 @@ class PdHandoff:
                 layout=dict(params["layout"]),
                 block_ids=tuple(int(b) for b in params["block_ids"]),
                 num_tokens=int(params["num_tokens"]),
+                expires_at=_optional_float(params.get("expires_at")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"not a PD hand-off: {exc!r}") from exc
@@ -67,3 +73,7 @@ class PdHandoff:
     def remote_layout(self) -> KvLayout:
         """The prefill's layout at the prefill's addresses (the remote side of a READ)."""
         return layout_from_dict(dict(self.layout))
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -41,6 +41,7 @@ from llumnix_kv.store import StoreTier, create_tier
 
 __all__ = [
     "BlockOffloader",
+    "LoadGuard",
     "StoreStack",
     "acquire_stack",
     "namespace_tag",
@@ -272,6 +273,26 @@ def release_stack(stack: StoreStack) -> None:
     stack.close()
 
 
+class LoadGuard:
+    """Lets the engine give up on a store load that overran its deadline: once
+    :meth:`abandon` returned, the load writes no further block (its blocks may be
+    recomputed or reused at once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        with self._lock:  # waits for a block write in progress
+            self._abandoned = True
+
+    @contextlib.contextmanager
+    def writing(self) -> Any:
+        """Held around one block write; yields False once the load was abandoned."""
+        with self._lock:
+            yield not self._abandoned
+
+
 class BlockOffloader:
     """Worker side: moves whole blocks of a paged cache to and from a :class:`StoreStack`.
 
@@ -293,12 +314,19 @@ class BlockOffloader:
         return plan_copy(self.layout, self.layout, [block], [block], tokens=(0, bt))
 
     def load(
-        self, blocks: Sequence[int], keys: Sequence[bytes], timeout: float, *, tokens: int = 0
+        self,
+        blocks: Sequence[int],
+        keys: Sequence[bytes],
+        timeout: float,
+        *,
+        tokens: int = 0,
+        guard: LoadGuard | None = None,
     ) -> list[int]:
         """Reads chunk ``keys[i]`` into block ``blocks[i]``; returns the blocks that could not
         be filled (every block after the first miss is reported too, since a prefix must be
         contiguous). ``tokens``: the tokens this load stands for, added to ``tokens_loaded``
-        when it succeeds."""
+        when it succeeds. With a ``guard``, no block is written once it was abandoned."""
+        guard = guard or LoadGuard()
         if not blocks:
             return []
         outs = [np.empty(self.chunk_bytes, dtype=np.uint8) for _ in blocks]
@@ -308,7 +336,11 @@ class BlockOffloader:
             if src is None or failed:
                 failed.append(block)
                 continue
-            scatter(self._plan(block), out, self.layout)
+            with guard.writing() as allowed:
+                if allowed:
+                    scatter(self._plan(block), out, self.layout)
+                else:
+                    failed.append(block)
         self.blocks_loaded += len(blocks) - len(failed)
         self.blocks_failed += len(failed)
         if not failed:

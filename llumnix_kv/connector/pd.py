@@ -9,7 +9,9 @@ Protocol (one request):
    with :func:`read_notice` as the batch's notification. The prefill's engine receives the
    notice after the data, so the blocks it held may be freed.
 3. A load that fails or passes its deadline reports the local blocks it was writing, so the
-   engine recomputes them; the prefill side frees its blocks at its own deadline.
+   engine recomputes them; the prefill side frees its blocks at its own deadline. The hand-off
+   says when that is (``expires_at``): a load's deadline ends :data:`HOLD_MARGIN_S` before it
+   (:func:`load_deadline`), so no READ runs once the blocks may be reused for other requests.
 """
 
 from __future__ import annotations
@@ -22,17 +24,40 @@ from dataclasses import dataclass
 import numpy as np
 
 from llumnix_kv._C import KvLayout
+from llumnix_kv.connector.handoff import PdHandoff
 from llumnix_kv.connector.jobs import JobState, LoadJob, SendHold
 from llumnix_kv.connector.peers import PeerPool
 from llumnix_kv.copy import plan_copy
 from llumnix_kv.errors import KvError, PeerLostError
 from llumnix_kv.transfer import Op, TransferEngine
 
-__all__ = ["LoadOutcome", "PdPuller", "PdSendLedger", "parse_read_notice", "read_notice"]
+__all__ = [
+    "HOLD_MARGIN_S",
+    "LoadOutcome",
+    "PdPuller",
+    "PdSendLedger",
+    "load_deadline",
+    "parse_read_notice",
+    "read_notice",
+]
 
 logger = logging.getLogger(__name__)
 
 _NOTICE_PREFIX = b"llumnix.pd.read:"
+
+# A decode's READ ends (done or cancelled) this long before the prefill's hold of the blocks
+# it reads expires, so that clock skew between hosts and the cancel itself stay inside it.
+HOLD_MARGIN_S = 2.0
+
+
+def load_deadline(handoff: PdHandoff, timeout_s: float, now: float | None = None) -> float:
+    """The ``time.monotonic()`` deadline of a load of ``handoff``: ``timeout_s`` from now, or
+    :data:`HOLD_MARGIN_S` before the prefill frees the blocks, whichever comes first."""
+    now = time.monotonic() if now is None else now
+    deadline = now + timeout_s
+    if handoff.expires_at is not None:
+        deadline = min(deadline, now + (handoff.expires_at - time.time()) - HOLD_MARGIN_S)
+    return deadline
 
 
 def read_notice(request_id: str) -> bytes:
@@ -91,11 +116,15 @@ class PdPuller:
 
     def _submit(self, job: LoadJob) -> None:
         try:
+            timeout = job.deadline - time.monotonic()
+            if timeout <= 0:
+                # E.g. the hand-off's hold expires too soon: the prefill may free the blocks.
+                job.state, job.error = JobState.FAILED, "deadline passed before the read"
+                return
             peer = self._peers.get(job.handoff.engine_name, job.handoff.descriptor)
             if peer is None:
                 return  # still connecting
             notice = read_notice(job.handoff.request_id)
-            timeout = max(job.deadline - time.monotonic(), 1e-3)
             begin, end = job.tokens
             if end <= begin:
                 none = np.zeros(0, dtype=np.uint64)

@@ -41,6 +41,12 @@ class PeerPool:
         self._notifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumnix-notify")
         self._lock = threading.Lock()  # get() also runs on other threads
 
+    @property
+    def connected(self) -> int:
+        """Peers connected now (a lost one counts until it is dropped)."""
+        with self._lock:
+            return len(self._peers)
+
     def get(self, name: str, descriptor: bytes) -> Peer | None:
         """The connected peer, or None while its handshake runs (started by the first call).
 

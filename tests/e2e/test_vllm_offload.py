@@ -29,6 +29,7 @@ import torch
 
 from llumnix_kv.connector.offload import (
     BlockOffloader,
+    LoadGuard,
     StoreStack,
     acquire_stack,
     namespace_tag,
@@ -146,6 +147,24 @@ def test_block_offloader_round_trip_and_misses() -> None:
     # A miss fails its block and every block after it (a prefix is contiguous).
     assert loader.load([4, 6, 7], [b"a", b"missing", b"b"], timeout=5.0, tokens=96) == [6, 7]
     assert loader.blocks_failed == 2 and loader.tokens_loaded == 64
+    stack.close()
+
+
+def test_abandoned_store_load_writes_no_block() -> None:
+    """The engine gives up on a store load past its deadline (a tier that does not return):
+    once ``abandon`` returned, the load's thread writes none of the blocks, which may be
+    recomputed or reused at once."""
+    src, dst = cache(), cache()
+    for t in src:
+        t.fill_(1.0)
+    stack = StoreStack([("cpu", cpu_tier())])
+    BlockOffloader(vllm_cpu(src), stack).save([0, 1], [b"a", b"b"])
+    assert stack.flush(5.0)
+    loader = BlockOffloader(vllm_cpu(dst), stack)
+    guard = LoadGuard()
+    guard.abandon()
+    assert loader.load([2, 3], [b"a", b"b"], timeout=5.0, tokens=64, guard=guard) == [2, 3]
+    assert all(not t.any() for t in dst) and loader.tokens_loaded == 0
     stack.close()
 
 

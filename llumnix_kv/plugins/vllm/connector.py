@@ -37,12 +37,13 @@ from llumnix_kv._C import KvLayout
 from llumnix_kv.connector import LoadJob, PdHandoff, PdPuller, PdSendLedger
 from llumnix_kv.connector.offload import (
     BlockOffloader,
+    LoadGuard,
     StoreStack,
     acquire_stack,
     namespace_tag,
     release_stack,
 )
-from llumnix_kv.connector.pd import read_notice
+from llumnix_kv.connector.pd import load_deadline, read_notice
 from llumnix_kv.connector.peers import NoticeReader, PeerPool
 from llumnix_kv.connector.push import PdPusher, PdPushReceiver, PushEndpoint, abort_notice
 from llumnix_kv.errors import KvError, UnsupportedError
@@ -80,6 +81,8 @@ HANDOFF_KEY = "llumnix_handoff"
 PUSH_KEY = "llumnix_push"
 PROBE_KEY = "llumnix_probe"
 ENDPOINT_KEY = "llumnix_endpoint"
+# A store load not finished this long after its own timeout is abandoned by the engine.
+STORE_LOAD_MARGIN_S = 5.0
 
 
 @dataclass
@@ -147,6 +150,17 @@ class LlumnixConnectorMetadata(KVConnectorMetadata):
     push_steps: dict[str, PushStep] = field(default_factory=dict)  # request id -> step
     # Pushed requests that finished here: request id -> (hold seconds, finished normally).
     push_finished: dict[str, tuple[float, bool]] = field(default_factory=dict)
+
+
+@dataclass
+class _StoreJob:
+    """Worker side: a store load running on the store-load thread."""
+
+    request_id: str
+    spec: StoreLoad
+    future: Future[tuple[list[int], float]]
+    deadline: float  # time.monotonic(); past it the load is abandoned and reported failed
+    guard: LoadGuard
 
 
 @dataclass
@@ -253,9 +267,10 @@ class LlumnixConnector(KVConnectorBase_V1):
         self._receiver: PdPushReceiver | None = None
         self._stats = LlumnixKVConnectorStats()
         self._reported: dict[str, int] = {}  # event totals already in returned stats
+        self._reported_gauges: dict[str, int] = {}
         # Loads in progress: parts (store load, PD load) per request, store-load futures.
         self._parts: dict[str, int] = {}
-        self._store_jobs: list[tuple[str, StoreLoad, Future[tuple[list[int], float]]]] = []
+        self._store_jobs: list[_StoreJob] = []
         self._store_pool: ThreadPoolExecutor | None = None
         self._failed_blocks: set[int] = set()
         self._tp_rank = 0
@@ -535,6 +550,8 @@ class LlumnixConnector(KVConnectorBase_V1):
                 logger.warning("no worker handshake yet; %s is not handed off", request)
             return False, None
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+        # The worker's hold starts when it sees the send, after this: no earlier than this.
+        expires_at = time.time() + self.config.send_timeout_s
         handoffs = [
             PdHandoff(
                 request_id=request.request_id,
@@ -543,6 +560,7 @@ class LlumnixConnector(KVConnectorBase_V1):
                 layout=hs.layout,
                 block_ids=tuple(block_ids),
                 num_tokens=num_tokens,
+                expires_at=expires_at,
             ).to_params()
             for _, hs in sorted(self._handshakes.items())
         ]
@@ -647,13 +665,13 @@ class LlumnixConnector(KVConnectorBase_V1):
                     deadline,
                 )
                 continue
-            handoff = spec.handoffs[self._tp_rank % len(spec.handoffs)]
+            handoff = PdHandoff.from_params(spec.handoffs[self._tp_rank % len(spec.handoffs)])
             job = LoadJob(
                 request_id=request_id,
-                handoff=PdHandoff.from_params(handoff),
+                handoff=handoff,
                 local_blocks=spec.local_blocks,
                 tokens=spec.tokens,
-                deadline=deadline,
+                deadline=load_deadline(handoff, self.config.load_timeout_s, now),
             )
             self._puller.start(job)
 
@@ -681,27 +699,40 @@ class LlumnixConnector(KVConnectorBase_V1):
             self._failed_blocks.update(spec.blocks)
             return
         timeout = self.config.load_store_timeout_s
+        guard = LoadGuard()
 
         def load() -> tuple[list[int], float]:
             began = time.monotonic()
-            failed = offloader.load(spec.blocks, spec.keys, timeout, tokens=spec.tokens)
+            failed = offloader.load(
+                spec.blocks, spec.keys, timeout, tokens=spec.tokens, guard=guard
+            )
             return failed, time.monotonic() - began
 
-        self._store_jobs.append((request_id, spec, pool.submit(load)))
+        # The load bounds its own reads by ``timeout``; the deadline also covers a tier that
+        # does not return (or a queue of loads behind one): the engine never waits past it.
+        deadline = time.monotonic() + timeout + STORE_LOAD_MARGIN_S
+        self._store_jobs.append(_StoreJob(request_id, spec, pool.submit(load), deadline, guard))
         self._parts[request_id] = self._parts.get(request_id, 0) + 1
 
     def _finished_store_loads(self) -> list[str]:
         """Requests whose store load finished; records their stats and failed blocks."""
         done, running = [], []
-        for request_id, spec, future in self._store_jobs:
+        now = time.monotonic()
+        for job in self._store_jobs:
+            request_id, spec, future = job.request_id, job.spec, job.future
             if not future.done():
-                running.append((request_id, spec, future))
-                continue
-            try:
-                failed, seconds = future.result()
-            except Exception as exc:  # a tier bug must not wedge the request
-                logger.warning("store load of %s failed: %s", request_id, exc)
+                if now <= job.deadline:
+                    running.append(job)
+                    continue
+                job.guard.abandon()  # from here on it writes none of the blocks
+                logger.warning("store load of %s passed its deadline; abandoned", request_id)
                 failed, seconds = list(spec.blocks), 0.0
+            else:
+                try:
+                    failed, seconds = future.result()
+                except Exception as exc:  # a tier bug must not wedge the request
+                    logger.warning("store load of %s failed: %s", request_id, exc)
+                    failed, seconds = list(spec.blocks), 0.0
             self._failed_blocks.update(failed)
             loaded = len(spec.blocks) - len(failed)
             if loaded and self._offloader is not None:
@@ -801,7 +832,20 @@ class LlumnixConnector(KVConnectorBase_V1):
         for event, total in failed.items():
             stats.count(event, total - self._reported.get(event, 0))
         self._reported = failed
+        gauges = self._gauges()
+        if gauges != self._reported_gauges:
+            stats.set_gauges(self._tp_rank, gauges)
+            self._reported_gauges = gauges
         return None if stats.is_empty() else stats
+
+    def _gauges(self) -> dict[str, int]:
+        counters = self.counters()
+        return {
+            "loads_pending": counters["loads_pending"] + len(self._store_jobs),
+            "holds_pending": counters["holds_pending"],
+            "peers": self._peers.connected if self._peers is not None else 0,
+            "registrations": self._engine.num_registrations() if self._engine else 0,
+        }
 
     def _totals(self) -> dict[str, int]:
         puller, receiver, pusher, ledger = self._puller, self._receiver, self._pusher, self._ledger

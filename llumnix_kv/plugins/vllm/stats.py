@@ -28,12 +28,17 @@ __all__ = ["KINDS", "LlumnixKVConnectorStats", "LlumnixPromMetrics"]
 KINDS = ("load", "push", "store_load")
 # Counted events.
 COUNTS = ("failed_loads", "failed_pushes", "expired_holds", "store_blocks_failed")
+# Current values per worker (sent when they change): KV work the connector still has open and
+# what its transfer engine holds. All zero but ``registrations`` (one per KV cache) on an idle
+# engine, whatever ran before: a leak shows as a gauge that does not come back.
+GAUGES = ("loads_pending", "holds_pending", "peers", "registrations")
 
 
 @dataclass
 class LlumnixKVConnectorStats(KVConnectorStats):
     """Per kind: ``<kind>_s`` and ``<kind>_bytes`` lists (one entry per finished transfer);
-    plus event counts. Plain lists and ints, so vLLM can ship it between processes."""
+    event counts; and ``gauges``, the latest :data:`GAUGES` per worker rank. Plain lists,
+    dicts and ints, so vLLM can ship it between processes."""
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -42,6 +47,10 @@ class LlumnixKVConnectorStats(KVConnectorStats):
     def reset(self) -> None:
         self.data = {f"{k}_{f}": [] for k in KINDS for f in ("s", "bytes")}
         self.data.update({c: 0 for c in COUNTS})
+        self.data["gauges"] = {}
+
+    def set_gauges(self, rank: int, values: dict[str, int]) -> None:
+        self.data["gauges"][str(rank)] = {g: int(values[g]) for g in GAUGES}
 
     def record(self, kind: str, seconds: float, nbytes: int) -> None:
         self.data[f"{kind}_s"].append(float(seconds))
@@ -51,11 +60,17 @@ class LlumnixKVConnectorStats(KVConnectorStats):
         self.data[event] += n
 
     def is_empty(self) -> bool:
-        return not any(self.data[f"{k}_s"] for k in KINDS) and not any(self.data[c] for c in COUNTS)
+        return (
+            not any(self.data[f"{k}_s"] for k in KINDS)
+            and not any(self.data[c] for c in COUNTS)
+            and not self.data.get("gauges")
+        )
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key, value in other.data.items():
-            if isinstance(value, list):
+            if key == "gauges":  # the later report of a worker replaces its earlier one
+                self.data["gauges"] = {**self.data.get("gauges", {}), **value}
+            elif isinstance(value, list):
                 self.data.setdefault(key, []).extend(value)
             else:
                 self.data[key] = self.data.get(key, 0) + value
@@ -74,12 +89,16 @@ class LlumnixKVConnectorStats(KVConnectorStats):
                 out[f"{kind} MB"] = round(mb, 3)
                 out[f"{kind} MB/s"] = round(mb / total_s, 3) if total_s else 0
         out.update({c: int(self.data[c]) for c in COUNTS})
+        gauges = self.data.get("gauges") or {}
+        if gauges:
+            out.update({g: sum(w[g] for w in gauges.values()) for g in GAUGES})
         return out
 
 
 class LlumnixPromMetrics(KVConnectorPromMetrics):
     """``vllm:llumnix_kv_<kind>_bytes_total`` and ``..._transfers_total`` counters, a
-    ``vllm:llumnix_kv_<kind>_seconds`` histogram per kind, and a counter per event."""
+    ``vllm:llumnix_kv_<kind>_seconds`` histogram per kind, a counter per event and a gauge
+    ``vllm:llumnix_kv_<gauge>`` per gauge (summed over the engine's workers)."""
 
     def __init__(
         self,
@@ -117,6 +136,15 @@ class LlumnixPromMetrics(KVConnectorPromMetrics):
                 name=f"vllm:llumnix_kv_{event}",
                 documentation=f"Llumnix KV connector events: {event.replace('_', ' ')}.",
             )
+        self._gauges: dict[str, dict[int, Any]] = {}
+        self._latest: dict[int, dict[str, dict[str, int]]] = {}  # engine -> rank -> gauges
+        for gauge in GAUGES:
+            self._gauges[gauge] = self._per_engine(
+                self._gauge_cls,
+                name=f"vllm:llumnix_kv_{gauge}",
+                documentation=f"Llumnix KV connector now: {gauge.replace('_', ' ')}.",
+                multiprocess_mode="mostrecent",
+            )
 
     def _per_engine(self, cls: type, **kwargs: Any) -> dict[int, Any]:
         return create_metric_per_engine(
@@ -136,3 +164,9 @@ class LlumnixPromMetrics(KVConnectorPromMetrics):
             n = transfer_stats_data.get(event, 0)
             if n:
                 self._events[event][engine_idx].inc(n)
+        gauges = transfer_stats_data.get("gauges") or {}
+        if gauges:
+            latest = self._latest.setdefault(engine_idx, {})
+            latest.update(gauges)
+            for gauge in GAUGES:
+                self._gauges[gauge][engine_idx].set(sum(w[gauge] for w in latest.values()))

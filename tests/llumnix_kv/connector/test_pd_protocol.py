@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from llumnix_kv.connector import LoadJob, PdHandoff, PdPuller, PdSendLedger, read_notice  # noqa: E402
+from llumnix_kv.connector.pd import HOLD_MARGIN_S, load_deadline  # noqa: E402
 from llumnix_kv.connector.peers import PeerPool  # noqa: E402
 from llumnix_kv.copy import execute, plan_copy  # noqa: E402
 from llumnix_kv.layout import layout_to_dict, vllm_cpu  # noqa: E402
@@ -166,3 +167,43 @@ def test_lost_prefill_fails_the_load_with_its_blocks(prefill: Prefill) -> None:
         assert not outcome.ok and outcome.error
         assert outcome.failed_blocks == (4, 7)  # the blocks holding tokens 10..79 of 64
         assert puller.loads_failed == 1 and puller.pending == 0
+
+
+def test_load_deadline_ends_before_the_prefill_frees_the_blocks() -> None:
+    now = time.monotonic()
+    handoff = PdHandoff("r", "p", b"d", {}, (0,), 1, expires_at=time.time() + 10.0)
+    assert load_deadline(handoff, 30.0, now) == pytest.approx(now + 10.0 - HOLD_MARGIN_S, abs=0.1)
+    assert load_deadline(handoff, 3.0, now) == pytest.approx(now + 3.0)
+    unknown = PdHandoff("r", "p", b"d", {}, (0,), 1)  # from a prefill that does not say
+    assert load_deadline(unknown, 3.0, now) == pytest.approx(now + 3.0)
+    # The expiry travels with the hand-off (JSON-safe).
+    assert PdHandoff.from_params(handoff.to_params()) == handoff
+    assert PdHandoff.from_params(unknown.to_params()).expires_at is None
+
+
+def test_expired_hold_is_never_read(prefill: Prefill) -> None:
+    """A hand-off whose hold ends within the margin fails the load before any byte moves:
+    the prefill may already reuse the blocks, and the decode's blocks keep what they had."""
+    handoff = PdHandoff(
+        "r4",
+        prefill.name,
+        prefill.descriptor,
+        prefill.layout,
+        (0, 1, 2),
+        80,
+        expires_at=time.time() + HOLD_MARGIN_S / 2,
+    )
+    tensors = cache(64, seed=None)
+    local = vllm_cpu(tensors)
+    with TransferEngine("decode", transports=["shm", "tcp"]) as engine:
+        engine.register_layout(local)
+        puller = PdPuller(engine, local, PeerPool(engine))
+        job = LoadJob("d4", handoff, [4, 7, 9], (0, 80), load_deadline(handoff, 20.0))
+        outcome = pull(puller, job)
+        assert not outcome.ok and "before the read" in outcome.error
+        assert outcome.failed_blocks == (4, 7)
+        assert all(not t.any() for t in tensors)  # nothing was read
+    # No read notice reached the prefill: it frees the blocks at its own deadline.
+    prefill.call("hold", "r4", 0.2)
+    released, noticed, expired = prefill.call("poll", 5.0)
+    assert released == ["r4"] and noticed == 0 and expired == 1
