@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from llumnix_kv.plugins.vllm.stats import GAUGES, LlumnixKVConnectorStats  # noqa: E402
+from llumnix_kv.plugins.vllm.stats import GAUGES, LlumnixKVConnectorStats
 
 
 def gauges(**values: int) -> dict[str, int]:
