@@ -244,9 +244,7 @@ class LlumnixConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
         transfer_config = vllm_config.kv_transfer_config
         assert transfer_config is not None  # the base class raised otherwise
-        self.config = LlumnixConnectorConfig.from_extra_config(
-            transfer_config.kv_connector_extra_config
-        )
+        self.config = self._parse_config(dict(transfer_config.kv_connector_extra_config or {}))
         self.engine_id = str(transfer_config.engine_id or uuid.uuid4().hex[:8])
         # Scheduler side.
         self._handshakes: dict[int, LlumnixHandshake] = {}
@@ -293,6 +291,12 @@ class LlumnixConnector(KVConnectorBase_V1):
                 self.config.store.get("namespace") or _default_namespace(vllm_config)
             )
             self._stack = acquire_stack(self.config.store["tiers"])
+
+    @classmethod
+    def _parse_config(cls, extra: dict[str, Any]) -> LlumnixConnectorConfig:
+        """The connector's settings from ``kv_connector_extra_config`` (a subclass that takes
+        keys of its own removes them first)."""
+        return LlumnixConnectorConfig.from_extra_config(extra)
 
     # ------------------------------------------------------------------ scheduler side
 
