@@ -3,6 +3,9 @@
 ``llumnix sim``: simulate the OSDI'24 experiment families (or one trace file) on a cluster of
 simulated engines driven by the production scheduler and rescheduler; prints a table and the
 paper's claims next to ours, writes ``results.json`` and PNG plots.
+
+``llumnix serve``: serve a model on N vLLM engines behind the Llumnix gateway (see
+:mod:`llumnix.serve`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from llumnix import serve
 from llumnix.sim import experiments, report
 from llumnix.sim.profile import DEFAULT_PROFILE, load_profile
 from llumnix.sim.traces import load_jsonl
@@ -145,10 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sim_parser(sub)
+    serve.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     if args.command == "sim":
         return cmd_sim(args)
+    if args.command == "serve":
+        return serve.cmd_serve(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllumnix/llumlet/llumlet.proto\x12\x0fllumnix.llumlet\"\x8d\x01\n\x0fRequestProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x03\x12\x0f\n\x07running\x18\x06 \x01(\x08\"\xb7\x04\n\x06Status\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07step_id\x18\x04 \x01(\x04\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x07 \x01(\x03\x12\x13\n\x0bnum_running\x18\x08 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\t \x01(\x03\x12\x16\n\x0erunning_tokens\x18\n \x01(\x03\x12\x1e\n\x16waiting_prefill_tokens\x18\x0b \x01(\x03\x12\x19\n\x11hol_demand_blocks\x18\x0c \x01(\x03\x12\x1d\n\x15waiting_demand_blocks\x18\r \x01(\x03\x12\x19\n\x11\x64\x65\x63ode_batch_size\x18\x0e \x01(\x03\x12\x15\n\rdecode_tokens\x18\x0f \x01(\x03\x12\x16\n\x0eprefill_tokens\x18\x10 \x01(\x03\x12\x15\n\rnum_preempted\x18\x11 \x01(\x03\x12\x0c\n\x04role\x18\x12 \x01(\t\x12\x0f\n\x07healthy\x18\x13 \x01(\x08\x12\x13\n\x0bschedulable\x18\x14 \x01(\x08\x12\x10\n\x08\x64raining\x18\x15 \x01(\x08\x12\x12\n\nblock_size\x18\x16 \x01(\x03\x12\x14\n\x0cstep_seconds\x18\x17 \x01(\x01\x12\x32\n\x08requests\x18\x18 \x03(\x0b\x32 .llumnix.llumlet.RequestProgress\"\x0f\n\rStatusRequest\"\x15\n\x13StreamStatusRequest\"\x0f\n\rHealthRequest\"d\n\x0bHealthReply\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x1a\n\x12seconds_since_step\x18\x04 \x01(\x01\"\x1d\n\x0c\x44rainRequest\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\"\x1e\n\nDrainReply\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"9\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\"0\n\x0cMigrateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\x8d\x04\n\x07Llumlet\x12\x44\n\tGetStatus\x12\x1e.llumnix.llumlet.StatusRequest\x1a\x17.llumnix.llumlet.Status\x12O\n\x0cStreamStatus\x12$.llumnix.llumlet.StreamStatusRequest\x1a\x17.llumnix.llumlet.Status0\x01\x12\x46\n\x06Health\x12\x1e.llumnix.llumlet.HealthRequest\x1a\x1c.llumnix.llumlet.HealthReply\x12\x43\n\x05\x44rain\x12\x1d.llumnix.llumlet.DrainRequest\x1a\x1b.llumnix.llumlet.DrainReply\x12\x43\n\x05\x41\x62ort\x12\x1d.llumnix.llumlet.AbortRequest\x1a\x1b.llumnix.llumlet.AbortReply\x12L\n\nMigrateOut\x12\x1f.llumnix.llumlet.MigrateRequest\x1a\x1d.llumnix.llumlet.MigrateReply\x12K\n\tMigrateIn\x12\x1f.llumnix.llumlet.MigrateRequest\x1a\x1d.llumnix.llumlet.MigrateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllumnix/llumlet/llumlet.proto\x12\x0fllumnix.llumlet\"\x8d\x01\n\x0fRequestProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x03\x12\x0f\n\x07running\x18\x06 \x01(\x08\"\xb7\x04\n\x06Status\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07step_id\x18\x04 \x01(\x04\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x07 \x01(\x03\x12\x13\n\x0bnum_running\x18\x08 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\t \x01(\x03\x12\x16\n\x0erunning_tokens\x18\n \x01(\x03\x12\x1e\n\x16waiting_prefill_tokens\x18\x0b \x01(\x03\x12\x19\n\x11hol_demand_blocks\x18\x0c \x01(\x03\x12\x1d\n\x15waiting_demand_blocks\x18\r \x01(\x03\x12\x19\n\x11\x64\x65\x63ode_batch_size\x18\x0e \x01(\x03\x12\x15\n\rdecode_tokens\x18\x0f \x01(\x03\x12\x16\n\x0eprefill_tokens\x18\x10 \x01(\x03\x12\x15\n\rnum_preempted\x18\x11 \x01(\x03\x12\x0c\n\x04role\x18\x12 \x01(\t\x12\x0f\n\x07healthy\x18\x13 \x01(\x08\x12\x13\n\x0bschedulable\x18\x14 \x01(\x08\x12\x10\n\x08\x64raining\x18\x15 \x01(\x08\x12\x12\n\nblock_size\x18\x16 \x01(\x03\x12\x14\n\x0cstep_seconds\x18\x17 \x01(\x01\x12\x32\n\x08requests\x18\x18 \x03(\x0b\x32 .llumnix.llumlet.RequestProgress\"\x0f\n\rStatusRequest\"\x0f\n\rHealthRequest\"d\n\x0bHealthReply\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x1a\n\x12seconds_since_step\x18\x04 \x01(\x01\"\x1d\n\x0c\x44rainRequest\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\"\x1e\n\nDrainReply\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"9\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\"0\n\x0cMigrateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xbc\x03\n\x07Llumlet\x12\x44\n\tGetStatus\x12\x1e.llumnix.llumlet.StatusRequest\x1a\x17.llumnix.llumlet.Status\x12\x46\n\x06Health\x12\x1e.llumnix.llumlet.HealthRequest\x1a\x1c.llumnix.llumlet.HealthReply\x12\x43\n\x05\x44rain\x12\x1d.llumnix.llumlet.DrainRequest\x1a\x1b.llumnix.llumlet.DrainReply\x12\x43\n\x05\x41\x62ort\x12\x1d.llumnix.llumlet.AbortRequest\x1a\x1b.llumnix.llumlet.AbortReply\x12L\n\nMigrateOut\x12\x1f.llumnix.llumlet.MigrateRequest\x1a\x1d.llumnix.llumlet.MigrateReply\x12K\n\tMigrateIn\x12\x1f.llumnix.llumlet.MigrateRequest\x1a\x1d.llumnix.llumlet.MigrateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUS']._serialized_end=762
   _globals['_STATUSREQUEST']._serialized_start=764
   _globals['_STATUSREQUEST']._serialized_end=779
-  _globals['_STREAMSTATUSREQUEST']._serialized_start=781
-  _globals['_STREAMSTATUSREQUEST']._serialized_end=802
-  _globals['_HEALTHREQUEST']._serialized_start=804
-  _globals['_HEALTHREQUEST']._serialized_end=819
-  _globals['_HEALTHREPLY']._serialized_start=821
-  _globals['_HEALTHREPLY']._serialized_end=921
-  _globals['_DRAINREQUEST']._serialized_start=923
-  _globals['_DRAINREQUEST']._serialized_end=952
-  _globals['_DRAINREPLY']._serialized_start=954
-  _globals['_DRAINREPLY']._serialized_end=984
-  _globals['_ABORTREQUEST']._serialized_start=986
-  _globals['_ABORTREQUEST']._serialized_end=1021
-  _globals['_ABORTREPLY']._serialized_start=1023
-  _globals['_ABORTREPLY']._serialized_end=1052
-  _globals['_MIGRATEREQUEST']._serialized_start=1054
-  _globals['_MIGRATEREQUEST']._serialized_end=1111
-  _globals['_MIGRATEREPLY']._serialized_start=1113
-  _globals['_MIGRATEREPLY']._serialized_end=1161
-  _globals['_LLUMLET']._serialized_start=1164
-  _globals['_LLUMLET']._serialized_end=1689
+  _globals['_HEALTHREQUEST']._serialized_start=781
+  _globals['_HEALTHREQUEST']._serialized_end=796
+  _globals['_HEALTHREPLY']._serialized_start=798
+  _globals['_HEALTHREPLY']._serialized_end=898
+  _globals['_DRAINREQUEST']._serialized_start=900
+  _globals['_DRAINREQUEST']._serialized_end=929
+  _globals['_DRAINREPLY']._serialized_start=931
+  _globals['_DRAINREPLY']._serialized_end=961
+  _globals['_ABORTREQUEST']._serialized_start=963
+  _globals['_ABORTREQUEST']._serialized_end=998
+  _globals['_ABORTREPLY']._serialized_start=1000
+  _globals['_ABORTREPLY']._serialized_end=1029
+  _globals['_MIGRATEREQUEST']._serialized_start=1031
+  _globals['_MIGRATEREQUEST']._serialized_end=1088
+  _globals['_MIGRATEREPLY']._serialized_start=1090
+  _globals['_MIGRATEREPLY']._serialized_end=1138
+  _globals['_LLUMLET']._serialized_start=1141
+  _globals['_LLUMLET']._serialized_end=1585
 # @@protoc_insertion_point(module_scope)

@@ -78,10 +78,6 @@ class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class StreamStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -39,11 +39,6 @@ class LlumletStub:
                 request_serializer=llumnix_dot_llumlet_dot_llumlet__pb2.StatusRequest.SerializeToString,
                 response_deserializer=llumnix_dot_llumlet_dot_llumlet__pb2.Status.FromString,
                 _registered_method=True)
-        self.StreamStatus = channel.unary_stream(
-                '/llumnix.llumlet.Llumlet/StreamStatus',
-                request_serializer=llumnix_dot_llumlet_dot_llumlet__pb2.StreamStatusRequest.SerializeToString,
-                response_deserializer=llumnix_dot_llumlet_dot_llumlet__pb2.Status.FromString,
-                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/llumnix.llumlet.Llumlet/Health',
                 request_serializer=llumnix_dot_llumlet_dot_llumlet__pb2.HealthRequest.SerializeToString,
@@ -75,14 +70,8 @@ class LlumletServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def StreamStatus(self, request, context):
-        """A report after each step that changed the instance (at most one per min interval) and a
-        heartbeat while nothing changes; a slow reader gets the latest report, never a backlog.
+        """The latest report. Reports as they are made go out over the llumlet's ZMQ PUB socket
+        instead (a serialized Status per message; see llumnix/llumlet/server.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,11 +113,6 @@ def add_LlumletServicer_to_server(servicer, server):
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=llumnix_dot_llumlet_dot_llumlet__pb2.StatusRequest.FromString,
-                    response_serializer=llumnix_dot_llumlet_dot_llumlet__pb2.Status.SerializeToString,
-            ),
-            'StreamStatus': grpc.unary_stream_rpc_method_handler(
-                    servicer.StreamStatus,
-                    request_deserializer=llumnix_dot_llumlet_dot_llumlet__pb2.StreamStatusRequest.FromString,
                     response_serializer=llumnix_dot_llumlet_dot_llumlet__pb2.Status.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
@@ -183,33 +167,6 @@ class Llumlet:
             target,
             '/llumnix.llumlet.Llumlet/GetStatus',
             llumnix_dot_llumlet_dot_llumlet__pb2.StatusRequest.SerializeToString,
-            llumnix_dot_llumlet_dot_llumlet__pb2.Status.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def StreamStatus(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/llumnix.llumlet.Llumlet/StreamStatus',
-            llumnix_dot_llumlet_dot_llumlet__pb2.StreamStatusRequest.SerializeToString,
             llumnix_dot_llumlet_dot_llumlet__pb2.Status.FromString,
             options,
             channel_credentials,

@@ -1,37 +1,43 @@
-"""The llumlet: an instance's status reports and its gRPC service (``llumlet.proto``).
+"""The llumlet: an instance's status reports, pushed as they are made, and its gRPC service.
 
 It runs inside the engine process, beside the engine's scheduler. The engine adapter calls
 :meth:`Llumlet.on_step` after every scheduler step; the llumlet then publishes a report at once
 if the last one is at least ``min_interval_s`` old, or else when that interval ends (a report
-thread), and a heartbeat every ``heartbeat_s`` while nothing changes. ``StreamStatus`` readers
-get every report, or the latest one when they read slower than reports come: a report is a
-snapshot, so a backlog would only be stale.
+thread), and a heartbeat every ``heartbeat_s`` while nothing changes.
 
-The server binds loopback by default. Given a ``token``, every call must carry the metadata
+Reports go out on a ZMQ PUB socket (one serialized ``Status`` per message; subscribers set
+``CONFLATE`` and so always read the latest), sent by the thread that made the report: in a busy
+engine that is the scheduler's own thread, inside its step. They do not go through the gRPC
+server, because its handlers are Python threads that must win the GIL from the engine core's
+busy loop (vLLM spins on its workers' replies): measured on a loaded 2-core host, a
+``GetStatus`` call took up to seconds while a pushed report leaves within the step. The gRPC
+service (``llumlet.proto``) carries the control calls: status on demand, health, drain, abort
+and migration.
+
+Both bind loopback by default. Given a ``token``, every gRPC call must carry the metadata
 ``authorization: Bearer <token>`` (:class:`LlumletClient` sends it), or it fails with
-UNAUTHENTICATED.
+UNAUTHENTICATED; the report socket carries only load numbers and request ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import zmq
 
 from llumnix.llumlet import llumlet_pb2 as pb
 from llumnix.llumlet import llumlet_pb2_grpc as pb_grpc
 from llumnix.llumlet.status import ROLES, StatusTracker
 
 logger = logging.getLogger(__name__)
-
-# How often a StreamStatus handler wakes to see whether its client is still there.
-_STREAM_POLL_S = 0.5
 
 
 @dataclass
@@ -40,7 +46,9 @@ class LlumletConfig:
 
     host: str = "127.0.0.1"
     port: int = 0
-    """0: a free port, logged and in :attr:`Llumlet.port`."""
+    """gRPC port; 0: a free one, logged and in :attr:`Llumlet.port`."""
+    report_port: int = 0
+    """ZMQ PUB port of the reports; 0: a free one (:attr:`Llumlet.report_port`)."""
     instance_id: str = ""
     """Defaults to the engine's id."""
     role: str = ""
@@ -62,8 +70,9 @@ class LlumletConfig:
             raise ValueError(f"llumlet role must be one of {ROLES}, not {config.role!r}")
         if not 0 < config.min_interval_s <= config.heartbeat_s:
             raise ValueError("llumlet needs 0 < min_interval_s <= heartbeat_s")
-        if not 0 <= int(config.port) < 65536:
-            raise ValueError(f"llumlet port out of range: {config.port}")
+        for port in (config.port, config.report_port):
+            if not 0 <= int(port) < 65536:
+                raise ValueError(f"llumlet port out of range: {port}")
         return config
 
 
@@ -87,7 +96,11 @@ class Llumlet:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._server: grpc.Server | None = None
+        self._zmq: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._pub: zmq.Socket[bytes] | None = None
+        self._send_lock = threading.Lock()  # a ZMQ socket is not thread-safe
         self.port = 0
+        self.report_port = 0
 
     # ------------------------------------------------------------------ reports
 
@@ -102,12 +115,15 @@ class Llumlet:
         self.publish()
 
     def publish(self) -> pb.Status:
-        """Takes and hands out a report now."""
+        """Takes a report now and sends it to the subscribers."""
         free, total = self._blocks()
         status = self.tracker.snapshot(free, total)
         with self._cv:
             self._latest, self._published_at, self._dirty = status, time.monotonic(), False
-            self._cv.notify_all()
+        if self._pub is not None:
+            data = status.SerializeToString()
+            with self._send_lock, contextlib.suppress(zmq.Again, zmq.ZMQError):
+                self._pub.send(data, zmq.NOBLOCK)
         return status
 
     def latest(self) -> pb.Status:
@@ -131,14 +147,6 @@ class Llumlet:
                 logger.exception("llumlet report failed")
                 time.sleep(self.config.heartbeat_s)
 
-    def _wait_newer(self, seq: int, timeout: float) -> pb.Status | None:
-        """The latest report if it is newer than ``seq`` (waiting up to ``timeout``)."""
-        with self._cv:
-            if self._latest is None or self._latest.seq <= seq:
-                self._cv.wait(timeout)
-            latest = self._latest
-        return latest if latest is not None and latest.seq > seq and not self._stopped else None
-
     def drain(self, on: bool) -> None:
         self.tracker.draining = on
         self.publish()
@@ -146,7 +154,19 @@ class Llumlet:
     # ------------------------------------------------------------------ server
 
     def start(self) -> int:
-        """Starts the report thread and the gRPC server; the bound port."""
+        """Binds the report socket, starts the report thread and the gRPC server; the gRPC
+        port."""
+        self._zmq = zmq.Context()
+        pub = self._zmq.socket(zmq.PUB)
+        pub.setsockopt(zmq.CONFLATE, 1)  # per subscriber, only the newest report waits
+        pub.setsockopt(zmq.LINGER, 0)
+        endpoint = f"tcp://{self.config.host}"
+        if self.config.report_port:
+            pub.bind(f"{endpoint}:{int(self.config.report_port)}")
+            self.report_port = int(self.config.report_port)
+        else:
+            self.report_port = pub.bind_to_random_port(endpoint)
+        self._pub = pub
         self.publish()
         self._thread = threading.Thread(target=self._run, name="llumlet-report", daemon=True)
         self._thread.start()
@@ -163,7 +183,11 @@ class Llumlet:
         server.start()
         self._server = server
         logger.info(
-            "llumlet of %s serves on %s:%d", self.tracker.instance_id, self.config.host, self.port
+            "llumlet of %s: gRPC on %s:%d, reports on port %d",
+            self.tracker.instance_id,
+            self.config.host,
+            self.port,
+            self.report_port,
         )
         return self.port
 
@@ -177,6 +201,13 @@ class Llumlet:
         if self._thread is not None:
             self._thread.join(timeout=2.0)
             self._thread = None
+        with self._send_lock:
+            if self._pub is not None:
+                self._pub.close(linger=0)
+                self._pub = None
+        if self._zmq is not None:
+            self._zmq.term()
+            self._zmq = None
 
 
 class _Servicer(pb_grpc.LlumletServicer):
@@ -185,20 +216,6 @@ class _Servicer(pb_grpc.LlumletServicer):
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.Status:
         return self.llumlet.latest()
-
-    def StreamStatus(
-        self, request: pb.StreamStatusRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.Status]:
-        latest = self.llumlet.latest()
-        yield latest
-        seq = latest.seq
-        while context.is_active():
-            status = self.llumlet._wait_newer(seq, _STREAM_POLL_S)
-            if status is not None:
-                seq = status.seq
-                yield status
-            elif self.llumlet._stopped:
-                return
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         tracker = self.llumlet.tracker
@@ -268,13 +285,6 @@ class LlumletClient:
             pb.StatusRequest(), timeout=timeout or self.timeout, metadata=self._metadata
         )
 
-    def stream(self, timeout: float | None = None) -> Any:
-        """Reports as they come (an iterator that is also a grpc call: ``cancel()`` ends it);
-        ``timeout`` bounds the whole stream."""
-        return self._stub.StreamStatus(
-            pb.StreamStatusRequest(), timeout=timeout, metadata=self._metadata
-        )
-
     def health(self, timeout: float | None = None) -> pb.HealthReply:
         return self._stub.Health(
             pb.HealthRequest(), timeout=timeout or self.timeout, metadata=self._metadata
@@ -305,6 +315,37 @@ class LlumletClient:
         self._channel.close()
 
     def __enter__(self) -> LlumletClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ReportSubscriber:
+    """Reads one llumlet's pushed reports; with ``latest_only`` (ZMQ ``CONFLATE``) a slow
+    reader gets the newest report, never a backlog."""
+
+    def __init__(self, endpoint: str, latest_only: bool = True) -> None:
+        """``endpoint``: host:port of the llumlet's report socket."""
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        if latest_only:
+            self._sock.setsockopt(zmq.CONFLATE, 1)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(f"tcp://{endpoint}")
+
+    def recv(self, timeout: float) -> pb.Status | None:
+        """The next report, or None if none came within ``timeout`` seconds."""
+        if not self._sock.poll(int(timeout * 1000)):
+            return None
+        return pb.Status.FromString(self._sock.recv())
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> ReportSubscriber:
         return self
 
     def __exit__(self, *exc: object) -> None:

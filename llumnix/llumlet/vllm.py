@@ -19,7 +19,9 @@ Load it in place of LlumnixConnector, with its settings under ``"llumlet"`` (see
         "kv_connector_module_path": "llumnix.llumlet.vllm",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"llumlet": {"port": 50051, "instance_id": "i0"}},
+        "kv_connector_extra_config": {
+            "llumlet": {"port": 50051, "report_port": 50052, "instance_id": "i0"}
+        },
     }
 """
 

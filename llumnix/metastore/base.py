@@ -35,6 +35,8 @@ class InstanceRecord:
     """Base URL of its OpenAI-compatible HTTP server."""
     llumlet: str = ""
     """host:port of its llumlet's gRPC service (empty: no llumlet, lite mode)."""
+    reports: str = ""
+    """host:port of its llumlet's report socket (ZMQ PUB)."""
     role: str = "neutral"
     """prefill, decode or neutral."""
     block_size: int = 16

@@ -88,16 +88,25 @@ class InFlightLedger:
         done = [rid for rid, e in entries.items() if rid in ids or e.dispatched_at < deadline]
         if not done:
             return
-        load = self._pending[status.instance_id]
-        for rid in done:
+        self._remove(status.instance_id, done)
+
+    def discard(self, instance_id: str, request_id: str) -> None:
+        """Drop one entry (its request ended before a report included it)."""
+        if request_id in self._entries.get(instance_id, {}):
+            self._remove(instance_id, [request_id])
+
+    def _remove(self, instance_id: str, request_ids: list[str]) -> None:
+        entries = self._entries[instance_id]
+        load = self._pending[instance_id]
+        for rid in request_ids:
             e = entries.pop(rid)
             load.num_requests -= 1
             load.blocks -= e.blocks
             load.prefill_tokens -= e.prefill_tokens
             load.num_high_priority -= e.high_priority
         if not entries:
-            del self._entries[status.instance_id]
-            del self._pending[status.instance_id]
+            del self._entries[instance_id]
+            del self._pending[instance_id]
 
     def drop_instance(self, instance_id: str) -> None:
         """Forget everything dispatched to a removed instance."""

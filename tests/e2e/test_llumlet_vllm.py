@@ -1,9 +1,9 @@
 """The llumlet inside a real vLLM OpenAI server (LlumletConnector, unmodified vLLM 0.32 CPU):
-its gRPC status follows the engine step by step. Idle it reports every block free and no
-request; under concurrent streamed completions (the official ``openai`` client) it reports
-them running, decoding, holding blocks and making progress; a client that disconnects mid-stream
-aborts its request, and the report shows it gone with its blocks back; the total matches the
-engine's own cache size in ``/metrics``."""
+its pushed reports and gRPC status follow the engine step by step. Idle it reports every block
+free and no request; under concurrent streamed completions (the official ``openai`` client) it
+reports them running, decoding, holding blocks and making progress; a client that disconnects
+mid-stream aborts its request, and the report shows it gone with its blocks back; the total
+matches the engine's own cache size in ``/metrics``."""
 
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 
 try:
-    import grpc
     import openai
     import vllm  # noqa: F401
 except Exception as exc:  # a broken install raises more than ImportError
     pytest.skip(f"vllm, grpc or openai is not importable: {exc}", allow_module_level=True)
 
-from llumnix.llumlet import LlumletClient
+from llumnix.llumlet import LlumletClient, ReportSubscriber
 from tests.e2e.test_pd_proxy import Server, free_port, spawn
 from tests.e2e.vllm_engine import write_model
 
@@ -37,14 +36,19 @@ PROMPT = 40
 MAX_TOKENS = 48
 
 
-def serve_args(model: Path, port: int, llumlet_port: int) -> list[str]:
+def serve_args(model: Path, port: int, llumlet_port: int, report_port: int) -> list[str]:
     kv = {
         "kv_connector": "LlumletConnector",
         "kv_connector_module_path": "llumnix.llumlet.vllm",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
-            "llumlet": {"port": llumlet_port, "instance_id": "i0", "min_interval_s": 0.02}
+            "llumlet": {
+                "port": llumlet_port,
+                "report_port": report_port,
+                "instance_id": "i0",
+                "min_interval_s": 0.02,
+            }
         },
     }
     return [
@@ -57,11 +61,13 @@ def serve_args(model: Path, port: int, llumlet_port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, LlumletClient]]:
+    """The server and a gRPC client of its llumlet (``client.reports``: its report port)."""
     model = write_model(tmp_path_factory.mktemp("llumlet-model"))
     logs = tmp_path_factory.mktemp("llumlet-logs")
-    port, llumlet_port = free_port(), free_port()
-    server = spawn("llumlet-vllm", serve_args(model, port, llumlet_port), port, logs)
+    port, llumlet_port, report_port = free_port(), free_port(), free_port()
+    server = spawn("llumlet-vllm", serve_args(model, port, llumlet_port, report_port), port, logs)
     client = LlumletClient(f"127.0.0.1:{llumlet_port}", timeout=5.0)
+    client.reports = f"127.0.0.1:{report_port}"  # type: ignore[attr-defined]
     try:
         server.wait_healthy(time.monotonic() + START_DEADLINE_S)
         server.model = str(model)  # type: ignore[attr-defined]
@@ -132,23 +138,24 @@ def test_reports_follow_concurrent_requests_step_by_step(
     server, client = instance
     before = idle(client)
     prompts = [[(7 * i + j) % 500 + 3 for j in range(PROMPT)] for i in range(CONCURRENT)]
-    stream = client.stream(timeout=120)
     reports: list[Any] = []
+    done = threading.Event()
 
-    def read() -> None:
-        try:
-            for s in stream:
-                reports.append(s)
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.CANCELLED
+    def read() -> None:  # every pushed report, none conflated
+        with ReportSubscriber(client.reports, latest_only=False) as sub:  # type: ignore[attr-defined]
+            while not done.is_set():
+                s = sub.recv(0.1)
+                if s is not None:
+                    reports.append(s)
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
+        time.sleep(0.5)  # subscribed
         outputs = completions(server, prompts)
     finally:
         time.sleep(0.5)
-        stream.cancel()
+        done.set()
         reader.join(10)
     assert all(len(o) == MAX_TOKENS for o in outputs)
     busy = [s for s in reports if s.requests]

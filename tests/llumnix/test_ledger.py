@@ -32,3 +32,16 @@ def test_ledger_prevents_herding_on_a_burst():
     targets = [sched.dispatch(DispatchRequest(f"r{k}", 800), now=0.0) for k in range(8)]
     # without fresh reports, the ledger alone spreads the burst evenly
     assert sorted(targets) == ["i0", "i0", "i1", "i1", "i2", "i2", "i3", "i3"]
+
+
+def test_discard_drops_one_entry_and_its_load():
+    led = InFlightLedger(ttl_s=5)
+    led.add("a", DispatchRequest("r1", 160), 10, 160, now=0.0)
+    led.add("a", DispatchRequest("r2", 32), 2, 32, now=0.0)
+    led.discard("a", "r1")
+    led.discard("a", "unknown")
+    led.discard("b", "r1")
+    p = led.pending("a")
+    assert (p.num_requests, p.blocks, p.prefill_tokens) == (1, 2, 32)
+    led.discard("a", "r2")
+    assert led.pending("a") is NO_PENDING and len(led) == 0

@@ -1,18 +1,24 @@
-"""The llumlet's gRPC service on loopback: status on demand and as a stream (a report after
-steps, never more often than the min interval, heartbeats while idle, the latest report for a
-slow reader), health, drain, the shared token, and typed UNIMPLEMENTED answers."""
+"""The llumlet on loopback: pushed reports (after steps, never more often than the min
+interval, heartbeats while idle, the latest one for a slow reader) and the gRPC service
+(status on demand, health, drain, the shared token, typed UNIMPLEMENTED answers)."""
 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from llumnix.llumlet import Llumlet, LlumletClient, LlumletConfig, Scheduled, StatusTracker
+from llumnix.llumlet import (
+    Llumlet,
+    LlumletClient,
+    LlumletConfig,
+    ReportSubscriber,
+    Scheduled,
+    StatusTracker,
+)
 
 
 @pytest.fixture
@@ -54,55 +60,51 @@ def test_status_reflects_the_engine_after_a_step(llumlet: Llumlet) -> None:
         assert s.requests[0].request_id == "r" and s.requests[0].blocks == 2
 
 
-def test_stream_reports_steps_at_most_once_per_interval_and_heartbeats_when_idle(
+def subscriber(llumlet: Llumlet, latest_only: bool = True) -> ReportSubscriber:
+    sub = ReportSubscriber(f"127.0.0.1:{llumlet.report_port}", latest_only=latest_only)
+    deadline = time.monotonic() + 10
+    while sub.recv(0.5) is None:  # joined once a heartbeat arrives
+        assert time.monotonic() < deadline, "no report reached the subscriber"
+    return sub
+
+
+def test_reports_follow_steps_at_most_once_per_interval_and_heartbeat_when_idle(
     llumlet: Llumlet,
 ) -> None:
-    with client(llumlet) as c:
-        stream = c.stream(timeout=10)
-        reports = []
-
-        def read() -> None:
-            try:
-                for s in stream:
-                    reports.append((s.timestamp, s))  # when the llumlet took it
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.CANCELLED
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        time.sleep(0.1)
+    with subscriber(llumlet, latest_only=False) as sub:
         began = time.time()
         for _ in range(50):  # 50 steps in ~0.5 s: at most one report per 50 ms
             llumlet.tracker.step([])
             llumlet.on_step()
             time.sleep(0.01)
         busy_end = time.time()
-        time.sleep(1.0)  # idle: heartbeats
-        stream.cancel()
-        reader.join(5)
-        busy = [s for t, s in reports if began <= t <= busy_end + 0.06]
-        assert 5 <= len(busy) <= (busy_end - began) / 0.05 + 2, len(busy)
-        gaps = [b[0] - a[0] for a, b in itertools.pairwise(reports) if a[0] >= began]
-        assert min(gaps) >= 0.04
-        # After the last step the pending change goes out within the interval, then heartbeats.
-        assert reports[-1][1].step_id == 50
-        idle = [s for t, s in reports if t > busy_end + 0.1]
-        assert 2 <= len(idle) <= 5
-        seqs = [s.seq for _, s in reports]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        reports = []
+        deadline = time.monotonic() + 1.0  # then idle: heartbeats
+        while time.monotonic() < deadline:
+            s = sub.recv(0.1)
+            if s is not None:
+                reports.append((s.timestamp, s))  # when the llumlet took it
+    busy = [s for t, s in reports if began <= t <= busy_end + 0.06]
+    assert 5 <= len(busy) <= (busy_end - began) / 0.05 + 2, len(busy)
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(reports) if a[0] >= began]
+    assert min(gaps) >= 0.04
+    # After the last step the pending change goes out within the interval, then heartbeats.
+    assert max(s.step_id for _, s in reports) == 50
+    idle = [s for t, s in reports if t > busy_end + 0.1]
+    assert 2 <= len(idle) <= 5
+    seqs = [s.seq for _, s in reports]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
 def test_a_slow_reader_gets_the_latest_report_not_a_backlog(llumlet: Llumlet) -> None:
-    with client(llumlet) as c:
-        stream = c.stream(timeout=10)
-        first = next(stream)
+    with subscriber(llumlet) as sub:
         for _ in range(20):
             llumlet.tracker.step([])
             llumlet.publish()
         latest = llumlet.latest().seq
-        second = next(stream)
-        stream.cancel()
-        assert second.seq == latest > first.seq + 1
+        time.sleep(0.1)
+        s = sub.recv(2.0)
+        assert s is not None and s.seq == latest
 
 
 def test_health_and_drain(llumlet: Llumlet) -> None:
@@ -133,27 +135,22 @@ def test_a_token_protects_every_call() -> None:
                 with pytest.raises(grpc.RpcError) as err:
                     c.status()
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                with pytest.raises(grpc.RpcError) as err:
-                    next(c.stream(timeout=5))
-                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with client(server, "s3cret") as c:
             assert c.status().instance_id == "i0"
     finally:
         server.stop()
 
 
-def test_stop_ends_open_streams() -> None:
+def test_stop_closes_the_report_socket_and_the_server() -> None:
     server = Llumlet(StatusTracker("i0", 16), lambda: (1, 1), LlumletConfig())
     server.start()
-    with client(server) as c:
-        stream = c.stream(timeout=10)
-        next(stream)
-        began = time.monotonic()
-        server.stop(grace=0.5)
-        with pytest.raises((grpc.RpcError, StopIteration)):
-            while True:
-                next(stream)
-        assert time.monotonic() - began < 5
+    port = server.report_port
+    server.stop(grace=0.5)
+    with client(server) as c, pytest.raises(grpc.RpcError):
+        c.status(timeout=2)
+    again = Llumlet(StatusTracker("i0", 16), lambda: (1, 1), LlumletConfig(report_port=port))
+    again.start()  # the port is free again
+    again.stop()
 
 
 def test_config_is_checked() -> None:

@@ -1,0 +1,453 @@
+"""The gateway: an OpenAI-compatible HTTP front that places every request with the Llumnix
+scheduler on live load and forwards it to the chosen engine instance.
+
+Instances come from the meta store (re-read every ``refresh_s``). The gateway subscribes to
+each llumlet's pushed reports (ZMQ, asyncio) and feeds every one to the scheduler
+(:class:`~llumnix.scheduler.Scheduler`), so a dispatch sees the state after the instance's last
+step plus what this gateway dispatched since (the in-flight ledger). An instance silent for
+``suspect_after_s`` (its heartbeats stopped) or that failed a request gets no new work until
+it reports again; the ``staleness`` filter also drops reports older than ``staleness_s``.
+
+A request is forwarded with ``X-Request-Id: <gateway id>`` and its response streamed back as
+it comes, with ``X-Llumnix-Instance: <instance id>`` added. Before any byte reached the
+client, a failed instance (connection refused or reset, no answer) is skipped and the request
+dispatched again elsewhere, up to ``max_attempts``; after that, a stream ends with an SSE
+error event that says what failed. A client that disconnects cancels the handler, which
+closes the upstream connection, which aborts the request in vLLM and frees its blocks. If the
+scheduler fails or finds no eligible instance, the gateway falls back to round-robin over the
+instances not known to be down, logged and counted (``llumnix_gateway_fallback_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+import zmq
+import zmq.asyncio
+from aiohttp import web
+from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llumnix.llumlet import llumlet_pb2 as pb
+from llumnix.llumlet.status import to_instance_status
+from llumnix.metastore import InstanceRecord, MetaStore, MetaStoreError
+from llumnix.scheduler import (
+    DispatchRequest,
+    InstanceInfo,
+    InstanceStatus,
+    Scheduler,
+    SchedulerConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+# The gateway's request ids, and how to find one in an engine's internal request id (vLLM
+# makes "cmpl-<X-Request-Id>-<index>-<random>" of it).
+_ID_PREFIX = "llx-"
+_ID_IN_ENGINE_ID = re.compile(r"llx-[0-9a-f]{16}")
+POLICY_ALIASES = {"llumnix": "load_balance"}
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "llumnix"
+    """A dispatch policy name (``llumnix`` = ``load_balance``, ``round_robin``, ...)."""
+    staleness_s: float = 2.0
+    """An instance whose last report is older is not dispatched to."""
+    refresh_s: float = 1.0
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 600.0
+    """Longest silence of an upstream response (between two chunks)."""
+    max_attempts: int = 3
+    suspect_after_s: float = 1.0
+    """No report for this long (about four missed heartbeats): the instance gets no new work
+    until it reports again."""
+    api_key: str = ""
+    """When set, clients must send ``Authorization: Bearer <api_key>``."""
+
+
+class _Upstream(Exception):
+    """An instance failed before the client got anything: try another."""
+
+
+def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+    """The OpenAI error schema, as vLLM's server writes it."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response(error_body(status, message, kind), status=status)
+
+
+def prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+    """The prompt's length in tokens: exact for token-id prompts, else estimated from text
+    (about 4 characters a token; the gateway has no tokenizer)."""
+    if chat:
+        text = "".join(
+            m.get("content", "") if isinstance(m.get("content"), str) else json.dumps(m)
+            for m in body.get("messages", [])
+            if isinstance(m, dict)
+        )
+        return len(text) // 4 + 1
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(p) if isinstance(p, list) else len(str(p)) // 4 + 1 for p in prompt)
+    return len(str(prompt)) // 4 + 1
+
+
+class Gateway:
+    def __init__(self, store: MetaStore, config: GatewayConfig | None = None) -> None:
+        self.store = store
+        self.config = config or GatewayConfig()
+        policy = POLICY_ALIASES.get(self.config.policy, self.config.policy)
+        self.scheduler = Scheduler(
+            SchedulerConfig(policy=policy, policy_kwargs={"staleness_s": self.config.staleness_s})
+        )
+        self.records: dict[str, InstanceRecord] = {}
+        self._feeds: dict[str, asyncio.Task[None]] = {}
+        self._down: set[str] = set()  # instances whose stream broke or that failed a request
+        self._rr = itertools.count()
+        self._session: aiohttp.ClientSession | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._zmq = zmq.asyncio.Context()
+        self._open = 0
+        reg = self.metrics_registry = CollectorRegistry()
+        self.m_requests = Counter(
+            "llumnix_gateway_requests", "Requests by outcome", ["outcome"], registry=reg
+        )
+        self.m_dispatch = Histogram(
+            "llumnix_gateway_dispatch_seconds",
+            "Time to choose an instance",
+            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+            registry=reg,
+        )
+        self.m_fallback = Counter(
+            "llumnix_gateway_fallback", "Round-robin fallbacks", ["reason"], registry=reg
+        )
+        self.m_redispatch = Counter(
+            "llumnix_gateway_redispatch", "Requests sent again after an instance failed",
+            registry=reg,
+        )  # fmt: skip
+        self.m_errors = Counter("llumnix_gateway_errors", "Errors by kind", ["kind"], registry=reg)
+        self.m_open = Gauge("llumnix_gateway_open_requests", "Requests in progress", registry=reg)
+        self.m_instance = Gauge(
+            "llumnix_gateway_instance", "Last report of each instance", ["instance", "field"],
+            registry=reg,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.config.connect_timeout_s,
+                sock_read=self.config.read_timeout_s,
+            )
+        )
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def close(self, app: web.Application) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for task in self._feeds.values():
+            task.cancel()
+        await asyncio.gather(*self._feeds.values(), return_exceptions=True)
+        self._zmq.term()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Follows the meta store's instances: new ones are added and followed, gone ones
+        forgotten. A meta store that does not answer keeps the last known set."""
+        try:
+            records = await asyncio.to_thread(self.store.instances)
+        except MetaStoreError as exc:
+            self.m_errors.labels("meta_store").inc()
+            logger.warning("meta store: %s; keeping %d known instances", exc, len(self.records))
+            return
+        for iid in set(self.records) - set(records):
+            logger.info("instance %s left", iid)
+            self.scheduler.remove_instance(iid)
+            self.records.pop(iid)
+            task = self._feeds.pop(iid, None)
+            if task is not None:
+                task.cancel()
+        for iid, record in records.items():
+            if self.records.get(iid) == record:
+                continue
+            self.records[iid] = record
+            info = InstanceInfo(iid, record.num_blocks, record.block_size, record.failure_domain)
+            # Unknown load until its first report: not schedulable by the policy (the
+            # round-robin fallback may still use it).
+            self.scheduler.add_instance(
+                info, InstanceStatus(iid, num_total_blocks=record.num_blocks, schedulable=False)
+            )
+            if record.reports:
+                old = self._feeds.pop(iid, None)
+                if old is not None:
+                    old.cancel()
+                self._feeds[iid] = asyncio.create_task(self._follow(record))
+
+    async def _follow(self, record: InstanceRecord) -> None:
+        """Feeds an instance's pushed reports to the scheduler. Silence longer than
+        ``suspect_after_s`` (heartbeats stopped) marks it down until the next report; ZMQ
+        reconnects by itself."""
+        sock = self._zmq.socket(zmq.SUB)
+        sock.setsockopt(zmq.CONFLATE, 1)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{record.reports}")
+        try:
+            while True:
+                if not await sock.poll(int(self.config.suspect_after_s * 1000)):
+                    if record.instance_id not in self._down:
+                        logger.warning("no report from %s: suspect", record.instance_id)
+                    self._suspect(record.instance_id)
+                    continue
+                data = await sock.recv()
+                try:
+                    report = pb.Status.FromString(data)
+                except DecodeError:
+                    self.m_errors.labels("bad_report").inc()
+                    continue
+                self.on_status(record.instance_id, report)
+        finally:
+            sock.close(linger=0)
+
+    def on_status(self, instance_id: str, report: pb.Status) -> None:
+        if instance_id not in self.scheduler.view:
+            return
+        status = to_instance_status(report)
+        status.request_ids = frozenset(
+            m.group(0) for r in report.requests if (m := _ID_IN_ENGINE_ID.search(r.request_id))
+        )
+        self.scheduler.on_status(status)
+        self._down.discard(instance_id)
+
+    def _suspect(self, instance_id: str) -> None:
+        """The instance may be down: no new work until it reports again."""
+        self._down.add(instance_id)
+        status = self.scheduler.view.statuses.get(instance_id)
+        if status is not None and status.schedulable:
+            self.scheduler.view.update(replace(status, schedulable=False, metric_cache={}))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def choose(self, r: DispatchRequest, exclude: set[str]) -> str | None:
+        began = time.perf_counter()
+        target = None
+        try:
+            target = self.scheduler.dispatch(r, time.time())
+        except Exception:  # a broken policy must not stop serving
+            logger.exception("scheduler failed; falling back to round-robin")
+            self.m_fallback.labels("scheduler_error").inc()
+        self.m_dispatch.observe(time.perf_counter() - began)
+        if target is not None and target not in exclude:
+            return target
+        if target is not None:
+            self.scheduler.ledger.discard(target, r.request_id)
+        live = [i for i in self.records if i not in exclude and i not in self._down]
+        if not live:
+            return None
+        self.m_fallback.labels("no_eligible_instance").inc()
+        logger.info("no eligible instance for %s by the policy: round-robin", r.request_id)
+        return live[next(self._rr) % len(live)]
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _authorized(self, request: web.Request) -> bool:
+        key = self.config.api_key
+        return not key or request.headers.get("Authorization") == f"Bearer {key}"
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/completions", chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/chat/completions", chat=True)
+
+    async def _handle(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+        if not self._authorized(request):
+            return error_response(401, "missing or wrong API key", "AuthenticationError")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.m_requests.labels("bad_request").inc()
+            return error_response(400, f"request body is not JSON: {exc}", "Bad Request")
+        if not isinstance(body, dict):
+            self.m_requests.labels("bad_request").inc()
+            return error_response(400, "request body must be a JSON object", "Bad Request")
+        rid = _ID_PREFIX + uuid.uuid4().hex[:16]
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+        r = DispatchRequest(
+            rid,
+            prompt_tokens(body, chat),
+            expected_output_tokens=max_tokens if isinstance(max_tokens, int) else 0,
+        )
+        tried: set[str] = set()
+        self._open += 1
+        self.m_open.set(self._open)
+        try:
+            for attempt in range(self.config.max_attempts):
+                target = self.choose(r, tried)
+                if target is None:
+                    break
+                if attempt:
+                    self.m_redispatch.inc()
+                tried.add(target)
+                try:
+                    response = await self._forward(request, target, path, body, rid)
+                except _Upstream as exc:
+                    logger.warning("%s on %s: %s", rid, target, exc)
+                    self.m_errors.labels("upstream").inc()
+                    self._suspect(target)
+                    continue
+                finally:
+                    self.scheduler.ledger.discard(target, rid)
+                self.m_requests.labels("forwarded").inc()
+                return response
+            self.m_requests.labels("unavailable").inc()
+            what = f"after trying {sorted(tried)}" if tried else "none is registered and up"
+            return error_response(
+                503, f"no engine instance could serve it ({what})", "ServiceUnavailable"
+            )
+        finally:
+            self._open -= 1
+            self.m_open.set(self._open)
+
+    async def _forward(
+        self, request: web.Request, target: str, path: str, body: dict[str, Any], rid: str
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        url = self.records[target].url + path
+        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+        try:
+            upstream = await self._session.post(url, json=body, headers=headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _Upstream(f"{type(exc).__name__}: {exc}") from exc
+        async with upstream:
+            if upstream.status != 200 or not body.get("stream"):
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    raise _Upstream(f"{type(exc).__name__} reading the answer: {exc}") from exc
+                return web.Response(
+                    status=upstream.status,
+                    body=data,
+                    headers={
+                        "Content-Type": upstream.headers.get("Content-Type", "application/json"),
+                        "X-Request-Id": rid,
+                        "X-Llumnix-Instance": target,
+                    },
+                )
+            response = web.StreamResponse(
+                status=200,
+                headers={
+                    "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+                    "Cache-Control": "no-cache",
+                    "X-Request-Id": rid,
+                    "X-Llumnix-Instance": target,
+                },
+            )
+            first = True
+            try:
+                async for chunk in upstream.content.iter_any():
+                    if first:
+                        await response.prepare(request)
+                        first = False
+                    await response.write(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                if first:
+                    raise _Upstream(f"{type(exc).__name__} before the first chunk: {exc}") from exc
+                self.m_errors.labels("upstream_mid_stream").inc()
+                self._suspect(target)
+                event = error_body(
+                    502, f"instance {target} failed mid-stream: {exc}", "upstream_error"
+                )
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                    await response.write(b"data: [DONE]\n\n")
+            if first:
+                raise _Upstream("the stream ended before its first chunk")
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await response.write_eof()
+            return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        for iid, record in list(self.records.items()):
+            if iid in self._down:
+                continue
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                async with self._session.get(record.url + "/v1/models") as resp:
+                    if resp.status == 200:
+                        return web.json_response(await resp.json())
+        return error_response(503, "no engine instance is up", "ServiceUnavailable")
+
+    async def health(self, request: web.Request) -> web.Response:
+        up = [i for i in self.records if i not in self._down]
+        return web.json_response(
+            {"instances": len(self.records), "up": len(up)}, status=200 if up else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        now = time.time()
+        for iid, s in self.scheduler.view.statuses.items():
+            for field, value in (
+                ("running", s.num_running),
+                ("waiting", s.num_waiting),
+                ("free_blocks", s.num_free_blocks),
+                ("schedulable", int(s.schedulable)),
+                ("report_age_seconds", now - s.timestamp if s.timestamp else -1.0),
+                ("in_flight", self.scheduler.ledger.pending(iid).num_requests),
+            ):
+                self.m_instance.labels(iid, field).set(value)
+        return web.Response(
+            body=generate_latest(self.metrics_registry), content_type="text/plain", charset="utf-8"
+        )
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.on_startup.append(gateway.start)
+    app.on_cleanup.append(gateway.close)
+    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+        ("POST", "/v1/completions", gateway.completions),
+        ("POST", "/v1/chat/completions", gateway.chat_completions),
+        ("GET", "/v1/models", gateway.models),
+        ("GET", "/health", gateway.health),
+        ("GET", "/metrics", gateway.metrics),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    return app
+
+
+async def serve(gateway: Gateway) -> web.AppRunner:
+    """Starts the gateway's HTTP server (handlers are cancelled when their client leaves)."""
+    runner = web.AppRunner(build_app(gateway), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, gateway.config.host, gateway.config.port)
+    await site.start()
+    return runner
