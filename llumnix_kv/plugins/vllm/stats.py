@@ -30,7 +30,8 @@ KINDS = ("load", "push", "store_load")
 COUNTS = ("failed_loads", "failed_pushes", "expired_holds", "store_blocks_failed")
 # Current values per worker (sent when they change): KV work the connector still has open and
 # what its transfer engine holds. All zero but ``registrations`` (the KV cache's memory
-# regions: one per layer tensor) on an idle engine, whatever ran before: a leak shows as a gauge that does not come back.
+# regions: one per layer tensor) on an idle engine, whatever ran before: a leak shows as a
+# gauge that does not come back.
 GAUGES = ("loads_pending", "holds_pending", "peers", "registrations")
 
 
