@@ -24,28 +24,10 @@ try:
 except Exception as exc:  # a broken install raises more than ImportError
     pytest.skip(f"vllm or openai is not importable: {exc}", allow_module_level=True)
 
+from benchmarks.connector.soak import MODEL as MQA_LLAMA  # one KV head of 64, 3 layers
 from benchmarks.connector.soak import metrics, not_idle
 from tests.e2e.test_pd_proxy import Server, free_port, proxy_args, spawn
 
-MQA_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 1,
-    "head_dim": 64,
-    "vocab_size": 512,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 CONNECTOR = {
     "kv_connector": "LlumnixConnector",
     "kv_connector_module_path": "llumnix_kv.plugins.vllm",
