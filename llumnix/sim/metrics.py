@@ -26,7 +26,6 @@ import numpy as np
 
 if TYPE_CHECKING:
     from llumnix.sim.engine import SimInstance, SimRequest
-    from llumnix.sim.runner import Simulation
 
 logger = logging.getLogger(__name__)
 
@@ -143,37 +142,3 @@ def latency_stats(reqs: list[SimRequest]) -> LatencyStats:
         decode_p99_ms=_p99(dec),
         preemption_loss_mean_s=_mean(loss),
     )
-
-
-def summarize(sim: Simulation) -> SimResult:
-    """Summarise a finished simulation."""
-    reqs = sim.requests
-    finished = [r for r in reqs if r.finish_s is not None]
-    end = max((r.finish_s for r in finished), default=sim.now)  # type: ignore[type-var]
-    assert end is not None
-    insts = list(sim.instances.values()) + sim.retired
-    cost = sum((inst.end_s if inst.end_s is not None else end) - inst.start_s for inst in insts)
-    res = SimResult(
-        name=sim.config.name,
-        num_requests=len(sim.trace),
-        num_finished=len(finished),
-        duration_s=float(end),
-        latency=latency_stats(reqs),
-        num_preemptions=sum(r.num_preemptions for r in reqs),
-        preempted_fraction=sum(r.num_preemptions > 0 for r in reqs) / max(1, len(reqs)),
-        num_migrations=len(sim.jobs),
-        migration_downtime_mean_ms=(
-            float(np.mean([j.downtime_s for j in sim.jobs]) * 1e3) if sim.jobs else 0.0
-        ),
-        fragmentation_mean=float(np.mean(sim.sampler.fragmentation))
-        if sim.sampler.fragmentation
-        else 0.0,
-        instance_seconds=float(cost),
-        mean_instances=float(np.mean(sim.sampler.instances)) if sim.sampler.instances else 0.0,
-    )
-    if any(r.trace.priority > 0 for r in reqs):
-        res.by_priority = {
-            "high": latency_stats([r for r in reqs if r.trace.priority > 0]),
-            "normal": latency_stats([r for r in reqs if r.trace.priority == 0]),
-        }
-    return res

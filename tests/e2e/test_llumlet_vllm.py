@@ -160,7 +160,8 @@ def test_reports_follow_concurrent_requests_step_by_step(
     assert all(len(o) == MAX_TOKENS for o in outputs)
     busy = [s for s in reports if s.requests]
     assert busy, "no report showed a request"
-    peak = max(busy, key=lambda s: s.num_running)
+    # The first full report may be the step that prefilled them all; prefer one that decodes.
+    peak = max(busy, key=lambda s: (s.num_running, s.decode_batch_size))
     assert peak.num_running == CONCURRENT and peak.decode_batch_size > 0
     # Each running request holds the blocks of its tokens; the pool's count says the same.
     for r in peak.requests:
