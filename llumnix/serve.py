@@ -6,7 +6,9 @@ free loopback port. Once every engine answers ``/health``, each is registered in
 (and renewed while it lives: a dead engine's registration expires), the gateway starts, one
 status line per instance and the URL are printed, and everything runs until Ctrl-C or SIGTERM;
 then the gateway stops and every engine process tree is ended (SIGTERM, then SIGKILL), so
-nothing is left running.
+nothing is left running. With ``--pd P:D`` the first P instances are prefill instances and the
+other D decode instances (their llumlets say so); the gateway splits every request between
+the two pools (``--pd-mode pull|push``).
 """
 
 from __future__ import annotations
@@ -89,7 +91,12 @@ class EngineProcess:
 
 
 def engine_command(
-    args: argparse.Namespace, port: int, llumlet_port: int, report_port: int, iid: str
+    args: argparse.Namespace,
+    port: int,
+    llumlet_port: int,
+    report_port: int,
+    iid: str,
+    role: str = "neutral",
 ) -> list[str]:
     kv = {
         "kv_connector": "LlumletConnector",
@@ -102,6 +109,7 @@ def engine_command(
                 "port": llumlet_port,
                 "report_port": report_port,
                 "instance_id": iid,
+                "role": role,
             }
         },
     }
@@ -122,17 +130,37 @@ def engine_command(
     return cmd + list(args.engine_arg or [])
 
 
+def parse_pd(spec: str) -> tuple[int, int]:
+    """``P:D`` (prefill and decode instance counts, both at least 1)."""
+    try:
+        p, d = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--pd takes P:D, two counts such as 1:3, not {spec!r}") from None
+    if p < 1 or d < 1:
+        raise ValueError(f"--pd {spec}: both counts must be at least 1")
+    return p, d
+
+
+def instance_roles(args: argparse.Namespace) -> list[str]:
+    """Each instance's role: all neutral, or with ``--pd P:D`` P prefill then D decode."""
+    if not args.pd:
+        return ["neutral"] * args.instances
+    p, d = parse_pd(args.pd)
+    return ["prefill"] * p + ["decode"] * d
+
+
 def start_engines(args: argparse.Namespace, logs: Path) -> list[EngineProcess]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     engines = []
+    roles = instance_roles(args)
     for i in range(args.instances):
-        iid = f"i{i}"
+        iid = f"{roles[i][0]}{i}" if roles[i] != "neutral" else f"i{i}"
         port, llumlet_port, report_port = free_port(), free_port(), free_port()
         log = logs / f"{iid}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                engine_command(args, port, llumlet_port, report_port, iid),
+                engine_command(args, port, llumlet_port, report_port, iid, roles[i]),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -183,19 +211,25 @@ async def run(args: argparse.Namespace, engines: list[EngineProcess], store: Met
     records = {e.instance_id: record_of(e, args.block_size) for e in engines}
     for r in records.values():
         store.register(r, REGISTRATION_TTL_S)
-    gateway = Gateway(store, GatewayConfig(host=args.host, port=args.port, policy=args.policy))
+    gateway = Gateway(
+        store,
+        GatewayConfig(host=args.host, port=args.port, policy=args.policy, pd_mode=args.pd_mode),
+    )
     runner = await serve(gateway)
     for e in engines:
         r = records[e.instance_id]
         print(
-            f"instance {e.instance_id}: {e.url} (pid {e.proc.pid}), llumlet {e.llumlet}, "
+            f"instance {e.instance_id} ({r.role}): {e.url} (pid {e.proc.pid}), "
+            f"llumlet {e.llumlet}, "
             f"reports {e.reports}, "
             f"{r.num_blocks} KV blocks of {r.block_size} tokens, log {e.log}",
             flush=True,
         )
     print(
         f"Llumnix serves {args.model} on http://{args.host}:{args.port}/v1 with "
-        f"{len(engines)} instances, policy {args.policy} (Ctrl-C stops it)",
+        f"{len(engines)} instances"
+        + (f" ({args.pd} prefill:decode, {args.pd_mode})" if args.pd else "")
+        + f", policy {args.policy} (Ctrl-C stops it)",
         flush=True,
     )
     stop = asyncio.Event()
@@ -229,6 +263,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="a model name or a local model folder")
     p.add_argument("--instances", type=int, default=2)
+    p.add_argument(
+        "--pd",
+        default="",
+        metavar="P:D",
+        help="prefill-decode disaggregation: P prefill and D decode instances "
+        "(P + D is the instance count)",
+    )
+    p.add_argument(
+        "--pd-mode", choices=("pull", "push"), default="pull", help="how PD moves the KV"
+    )
     p.add_argument("--policy", default="llumnix", help="llumnix, round_robin, infaas++, ...")
     p.add_argument("--meta-store", default="memory", help="memory or redis://host:port/db")
     p.add_argument("--host", default="127.0.0.1")
@@ -252,6 +296,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.pd:
+        try:
+            p, d = parse_pd(args.pd)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        args.instances = p + d
     if args.instances < 1:
         print("--instances must be at least 1", file=sys.stderr)
         return 2

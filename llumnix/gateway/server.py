@@ -16,6 +16,26 @@ error event that says what failed. A client that disconnects cancels the handler
 closes the upstream connection, which aborts the request in vLLM and frees its blocks. If the
 scheduler fails or finds no eligible instance, the gateway falls back to round-robin over the
 instances not known to be down, logged and counted (``llumnix_gateway_fallback_total``).
+
+**Prefill-decode disaggregation.** Instances registered with the role ``prefill`` or
+``decode`` form two pools, each placed by its own :class:`~llumnix.scheduler.Scheduler` (same
+policy, stage ``PREFILL`` or ``DECODE``: a pool's load and in-flight ledger are its own). Once
+any instance has a PD role, every request is split as the LlumnixConnector expects
+(``pd_mode``):
+
+- ``pull``: the prompt runs on a prefill instance with ``max_tokens=1`` and
+  ``do_remote_decode``; its answer's ``kv_transfer_params`` (the hand-off) go with the
+  original request to a decode instance, which reads the KV instead of computing it. A failed
+  prefill instance is skipped like any other; one that rejects the request (4xx, e.g. a prompt
+  too long) has its answer passed on as it is.
+- ``push``: both requests go out at once, named by one transfer id; the prefill writes each
+  layer's KV into the decode's blocks as soon as it is computed. The prefill's push endpoints
+  come from a one-token probe, cached per instance until it fails. The prefill request runs
+  in the background and is cancelled when the client's request ends before it.
+
+A decode instance that fails before the first byte is replaced by another one (the hand-off
+stays valid until its hold expires); if the KV cannot be read in time the decode recomputes
+it (``kv_load_failure_policy: recompute``), so nothing waits without a deadline.
 """
 
 from __future__ import annotations
@@ -48,7 +68,9 @@ from llumnix.scheduler import (
     InstanceStatus,
     Scheduler,
     SchedulerConfig,
+    Stage,
 )
+from llumnix_kv.proxy.pd_proxy import ENDPOINT_KEY, PROBE_KEY, PUSH_KEY, prefill_body
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +79,8 @@ logger = logging.getLogger(__name__)
 _ID_PREFIX = "llx-"
 _ID_IN_ENGINE_ID = re.compile(r"llx-[0-9a-f]{16}")
 POLICY_ALIASES = {"llumnix": "load_balance"}
+ROLES = ("neutral", "prefill", "decode")
+PD_MODES = ("pull", "push")
 
 
 @dataclass
@@ -77,10 +101,24 @@ class GatewayConfig:
     until it reports again."""
     api_key: str = ""
     """When set, clients must send ``Authorization: Bearer <api_key>``."""
+    pd_mode: str = "pull"
+    """How prefill and decode instances share a request's KV: ``pull`` or ``push``."""
+
+    def __post_init__(self) -> None:
+        if self.pd_mode not in PD_MODES:
+            raise ValueError(f"pd_mode must be one of {PD_MODES}, not {self.pd_mode!r}")
 
 
 class _Upstream(Exception):
     """An instance failed before the client got anything: try another."""
+
+
+class _Answer(Exception):
+    """A prefill instance's own answer to pass on to the client (it rejected the request)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
 
 
 def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
@@ -115,9 +153,17 @@ class Gateway:
         self.store = store
         self.config = config or GatewayConfig()
         policy = POLICY_ALIASES.get(self.config.policy, self.config.policy)
-        self.scheduler = Scheduler(
-            SchedulerConfig(policy=policy, policy_kwargs={"staleness_s": self.config.staleness_s})
-        )
+        # One scheduler per role: PD pools are placed apart, each with its own load.
+        self.schedulers = {
+            role: Scheduler(
+                SchedulerConfig(
+                    policy=policy, policy_kwargs={"staleness_s": self.config.staleness_s}
+                )
+            )
+            for role in ROLES
+        }
+        self._push_endpoints: dict[str, list[Any]] = {}  # prefill instance -> its endpoints
+        self._prefills: set[asyncio.Task[Any]] = set()
         self.records: dict[str, InstanceRecord] = {}
         self._feeds: dict[str, asyncio.Task[None]] = {}
         self._down: set[str] = set()  # instances whose stream broke or that failed a request
@@ -169,7 +215,7 @@ class Gateway:
         for task in self._feeds.values():
             task.cancel()
         await asyncio.gather(*self._feeds.values(), return_exceptions=True)
-        self._zmq.term()
+        self._zmq.destroy(linger=0)  # closes any socket left, so it cannot block
         if self._session is not None:
             await self._session.close()
 
@@ -189,19 +235,27 @@ class Gateway:
             return
         for iid in set(self.records) - set(records):
             logger.info("instance %s left", iid)
-            self.scheduler.remove_instance(iid)
+            self.scheduler_of(iid).remove_instance(iid)
             self.records.pop(iid)
+            self._push_endpoints.pop(iid, None)
             task = self._feeds.pop(iid, None)
             if task is not None:
                 task.cancel()
         for iid, record in records.items():
+            if record.role not in ROLES:
+                logger.warning("instance %s has an unknown role %r: ignored", iid, record.role)
+                continue
             if self.records.get(iid) == record:
                 continue
+            old_record = self.records.get(iid)
+            if old_record is not None and old_record.role != record.role:
+                self.scheduler_of(iid).remove_instance(iid)
+            self._push_endpoints.pop(iid, None)
             self.records[iid] = record
             info = InstanceInfo(iid, record.num_blocks, record.block_size, record.failure_domain)
             # Unknown load until its first report: not schedulable by the policy (the
             # round-robin fallback may still use it).
-            self.scheduler.add_instance(
+            self.scheduler_of(iid).add_instance(
                 info, InstanceStatus(iid, num_total_blocks=record.num_blocks, schedulable=False)
             )
             if record.reports:
@@ -218,8 +272,14 @@ class Gateway:
         sock.setsockopt(zmq.CONFLATE, 1)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://{record.reports}")
         try:
+            try:
+                sock.connect(f"tcp://{record.reports}")
+            except zmq.ZMQError as exc:
+                self.m_errors.labels("bad_report_address").inc()
+                logger.error("instance %s: bad report address %r: %s", record.instance_id,
+                             record.reports, exc)  # fmt: skip
+                return
             while True:
                 if not await sock.poll(int(self.config.suspect_after_s * 1000)):
                     if record.instance_id not in self._down:
@@ -236,30 +296,50 @@ class Gateway:
         finally:
             sock.close(linger=0)
 
+    def scheduler_of(self, instance_id: str) -> Scheduler:
+        """The scheduler of the instance's pool (its role)."""
+        return self.schedulers[self.records[instance_id].role]
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether requests are split into a prefill and a decode (some instance has a PD
+        role)."""
+        return any(r.role != "neutral" for r in self.records.values())
+
     def on_status(self, instance_id: str, report: pb.Status) -> None:
-        if instance_id not in self.scheduler.view:
+        if instance_id not in self.records:
+            return
+        scheduler = self.scheduler_of(instance_id)
+        if instance_id not in scheduler.view:
             return
         status = to_instance_status(report)
         status.request_ids = frozenset(
             m.group(0) for r in report.requests if (m := _ID_IN_ENGINE_ID.search(r.request_id))
         )
-        self.scheduler.on_status(status)
+        scheduler.on_status(status)
         self._down.discard(instance_id)
 
     def _suspect(self, instance_id: str) -> None:
         """The instance may be down: no new work until it reports again."""
         self._down.add(instance_id)
-        status = self.scheduler.view.statuses.get(instance_id)
+        self._push_endpoints.pop(instance_id, None)
+        if instance_id not in self.records:
+            return
+        view = self.scheduler_of(instance_id).view
+        status = view.statuses.get(instance_id)
         if status is not None and status.schedulable:
-            self.scheduler.view.update(replace(status, schedulable=False, metric_cache={}))
+            view.update(replace(status, schedulable=False, metric_cache={}))
 
     # ------------------------------------------------------------------ dispatch
 
-    def choose(self, r: DispatchRequest, exclude: set[str]) -> str | None:
+    def choose(self, r: DispatchRequest, exclude: set[str], role: str = "neutral") -> str | None:
+        """An instance of ``role`` for ``r``, none of ``exclude``: the scheduler's choice, else
+        round-robin over those not known to be down; None if there is none."""
         began = time.perf_counter()
         target = None
+        scheduler = self.schedulers[role]
         try:
-            target = self.scheduler.dispatch(r, time.time())
+            target = scheduler.dispatch(r, time.time())
         except Exception:  # a broken policy must not stop serving
             logger.exception("scheduler failed; falling back to round-robin")
             self.m_fallback.labels("scheduler_error").inc()
@@ -267,13 +347,44 @@ class Gateway:
         if target is not None and target not in exclude:
             return target
         if target is not None:
-            self.scheduler.ledger.discard(target, r.request_id)
-        live = [i for i in self.records if i not in exclude and i not in self._down]
+            scheduler.ledger.discard(target, r.request_id)
+        live = [
+            i
+            for i, rec in self.records.items()
+            if rec.role == role and i not in exclude and i not in self._down
+        ]
         if not live:
             return None
         self.m_fallback.labels("no_eligible_instance").inc()
-        logger.info("no eligible instance for %s by the policy: round-robin", r.request_id)
+        logger.info("no eligible %s instance for %s by the policy: round-robin", role, r.request_id)
         return live[next(self._rr) % len(live)]
+
+    async def _attempts(
+        self,
+        role: str,
+        r: DispatchRequest,
+        tried: set[str],
+        call: Callable[[str], Awaitable[Any]],
+    ) -> tuple[str, Any] | None:
+        """Calls ``call(instance)`` on instances of ``role`` the scheduler chooses until one
+        does not raise :class:`_Upstream` (at most ``max_attempts``); returns (instance,
+        result), or None when every try failed or no instance was left."""
+        for attempt in range(self.config.max_attempts):
+            target = self.choose(r, tried, role)
+            if target is None:
+                return None
+            if attempt:
+                self.m_redispatch.inc()
+            tried.add(target)
+            try:
+                return target, await call(target)
+            except _Upstream as exc:
+                logger.warning("%s on %s: %s", r.request_id, target, exc)
+                self.m_errors.labels("upstream").inc()
+                self._suspect(target)
+            finally:
+                self.schedulers[role].ledger.discard(target, r.request_id)
+        return None
 
     # ------------------------------------------------------------------ HTTP
 
@@ -305,36 +416,162 @@ class Gateway:
             prompt_tokens(body, chat),
             expected_output_tokens=max_tokens if isinstance(max_tokens, int) else 0,
         )
-        tried: set[str] = set()
         self._open += 1
         self.m_open.set(self._open)
         try:
-            for attempt in range(self.config.max_attempts):
-                target = self.choose(r, tried)
-                if target is None:
-                    break
-                if attempt:
-                    self.m_redispatch.inc()
-                tried.add(target)
-                try:
-                    response = await self._forward(request, target, path, body, rid)
-                except _Upstream as exc:
-                    logger.warning("%s on %s: %s", rid, target, exc)
-                    self.m_errors.labels("upstream").inc()
-                    self._suspect(target)
-                    continue
-                finally:
-                    self.scheduler.ledger.discard(target, rid)
-                self.m_requests.labels("forwarded").inc()
-                return response
-            self.m_requests.labels("unavailable").inc()
-            what = f"after trying {sorted(tried)}" if tried else "none is registered and up"
-            return error_response(
-                503, f"no engine instance could serve it ({what})", "ServiceUnavailable"
+            if self.disaggregated:
+                return await self._handle_pd(request, path, body, chat, r)
+            tried: set[str] = set()
+            done = await self._attempts(
+                "neutral", r, tried, lambda t: self._forward(request, t, path, body, rid)
             )
+            return self._finish(done, tried, "")
         finally:
             self._open -= 1
             self.m_open.set(self._open)
+
+    def _finish(
+        self, done: tuple[str, Any] | None, tried: set[str], what: str
+    ) -> web.StreamResponse:
+        if done is not None:
+            self.m_requests.labels("forwarded").inc()
+            response: web.StreamResponse = done[1]
+            return response
+        self.m_requests.labels("unavailable").inc()
+        which = f"after trying {sorted(tried)}" if tried else "none is registered and up"
+        return error_response(
+            503, f"no {what}engine instance could serve it ({which})", "ServiceUnavailable"
+        )
+
+    async def _handle_pd(
+        self, request: web.Request, path: str, body: dict[str, Any], chat: bool, r: DispatchRequest
+    ) -> web.StreamResponse:
+        rid = r.request_id
+        if body.get("n", 1) not in (1, None):
+            self.m_requests.labels("bad_request").inc()
+            return error_response(400, "only n=1 is supported with PD", "BadRequestError")
+        prompt = body.get("prompt")
+        batched = isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], list | str)
+        if not chat and batched:
+            self.m_requests.labels("bad_request").inc()
+            return error_response(
+                400, "batched prompts are not supported with PD", "BadRequestError"
+            )
+        tried_p: set[str] = set()
+        rp = replace(r, stage=Stage.PREFILL)
+        task: asyncio.Task[Any] | None = None
+        try:
+            if self.config.pd_mode == "pull":
+                try:
+                    got = await self._attempts(
+                        "prefill", rp, tried_p, lambda p: self._prefill(p, path, body, chat, rid)
+                    )
+                except _Answer as answer:
+                    self.m_requests.labels("rejected").inc()
+                    return answer.response
+                if got is None:
+                    return self._finish(None, tried_p, "prefill ")
+                kv = got[1]
+            else:
+                got = await self._attempts(
+                    "prefill", rp, tried_p, lambda p: self._endpoints(p, body.get("model"))
+                )
+                if got is None:
+                    return self._finish(None, tried_p, "prefill ")
+                prefill, endpoints = got
+                transfer = uuid.uuid4().hex
+                p_body = prefill_body(
+                    body, chat, {"do_remote_decode": True, PUSH_KEY: {"transfer_id": transfer}}
+                )
+                task = asyncio.create_task(self._post_prefill(prefill, path, p_body, rid))
+                kv = {
+                    "do_remote_prefill": True,
+                    PUSH_KEY: {"transfer_id": transfer, "prefill": endpoints},
+                }
+            decode_body = dict(body)
+            if kv is None:
+                decode_body.pop("kv_transfer_params", None)
+            else:
+                decode_body["kv_transfer_params"] = kv
+            tried_d: set[str] = set()
+            done = await self._attempts(
+                "decode",
+                replace(r, stage=Stage.DECODE),
+                tried_d,
+                lambda d: self._forward(request, d, path, decode_body, rid),
+            )
+            return self._finish(done, tried_d, "decode ")
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def _prefill(
+        self, target: str, path: str, body: dict[str, Any], chat: bool, rid: str
+    ) -> dict[str, Any] | None:
+        """Pull mode: runs the prompt on ``target``; returns its hand-off, or None when it
+        returned none (the decode instance then computes the prompt)."""
+        data = await self._post_prefill(target, path, prefill_body(body, chat), rid)
+        try:
+            params = json.loads(data).get("kv_transfer_params")
+        except (ValueError, AttributeError) as exc:
+            raise _Upstream(f"invalid JSON from the prefill: {exc}") from exc
+        if not isinstance(params, dict):
+            logger.warning(
+                "prefill %s gave no hand-off for %s: the decode computes it", target, rid
+            )
+            return None
+        return params
+
+    async def _post_prefill(self, target: str, path: str, body: dict[str, Any], rid: str) -> bytes:
+        """POSTs a prefill request; returns a 200 answer's body. A 4xx answer is the
+        client's to see (:class:`_Answer`); anything else fails the instance."""
+        assert self._session is not None
+        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+        try:
+            async with self._session.post(
+                self.records[target].url + path, json=body, headers=headers
+            ) as resp:
+                data = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _Upstream(f"prefill {type(exc).__name__}: {exc}") from exc
+        if resp.status == 200:
+            return data
+        if 400 <= resp.status < 500:
+            raise _Answer(
+                web.Response(
+                    status=resp.status,
+                    body=data,
+                    content_type="application/json",
+                    headers={"X-Request-Id": rid, "X-Llumnix-Instance": target},
+                )
+            )
+        raise _Upstream(f"prefill answered HTTP {resp.status}: {data[:200]!r}")
+
+    async def _endpoints(self, target: str, model: Any) -> list[Any]:
+        """Push mode: the prefill instance's push endpoints, from a one-token probe (cached
+        until the instance fails or re-registers)."""
+        cached = self._push_endpoints.get(target)
+        if cached:
+            return cached
+        probe = {
+            "model": model,
+            "prompt": [0],
+            "max_tokens": 1,
+            "kv_transfer_params": {PROBE_KEY: True},
+        }
+        try:
+            data = await self._post_prefill(target, "/v1/completions", probe, "probe")
+            endpoints = json.loads(data)["kv_transfer_params"][ENDPOINT_KEY]
+        except _Answer as exc:
+            raise _Upstream(f"the push probe was rejected: HTTP {exc.response.status}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Upstream(
+                "no push endpoint in the probe's answer (is it LlumnixConnector?)"
+            ) from exc
+        if not isinstance(endpoints, list) or not endpoints:
+            raise _Upstream("the prefill has no push endpoint yet")
+        self._push_endpoints[target] = endpoints
+        return endpoints
 
     async def _forward(
         self, request: web.Request, target: str, path: str, body: dict[str, Any], rid: str
@@ -411,16 +648,25 @@ class Gateway:
             {"instances": len(self.records), "up": len(up)}, status=200 if up else 503
         )
 
+    def _statuses(self) -> list[tuple[str, InstanceStatus]]:
+        return [
+            (iid, s)
+            for iid, s in itertools.chain.from_iterable(
+                sch.view.statuses.items() for sch in self.schedulers.values()
+            )
+            if iid in self.records
+        ]
+
     async def metrics(self, request: web.Request) -> web.Response:
         now = time.time()
-        for iid, s in self.scheduler.view.statuses.items():
+        for iid, s in self._statuses():
             for field, value in (
                 ("running", s.num_running),
                 ("waiting", s.num_waiting),
                 ("free_blocks", s.num_free_blocks),
                 ("schedulable", int(s.schedulable)),
                 ("report_age_seconds", now - s.timestamp if s.timestamp else -1.0),
-                ("in_flight", self.scheduler.ledger.pending(iid).num_requests),
+                ("in_flight", self.scheduler_of(iid).ledger.pending(iid).num_requests),
             ):
                 self.m_instance.labels(iid, field).set(value)
         return web.Response(

@@ -40,7 +40,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-__all__ = ["PROXY_KEY", "PdProxy", "ProxyError", "build_app", "main"]
+__all__ = [
+    "ENDPOINT_KEY",
+    "PROBE_KEY",
+    "PROXY_KEY",
+    "PUSH_KEY",
+    "PdProxy",
+    "ProxyError",
+    "build_app",
+    "main",
+    "prefill_body",
+]
 
 logger = logging.getLogger(__name__)
 

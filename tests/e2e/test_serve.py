@@ -31,7 +31,6 @@ from typing import Any
 import pytest
 
 try:
-    import grpc
     import openai
     import psutil
     import vllm  # noqa: F401
@@ -39,7 +38,7 @@ except Exception as exc:  # a broken install raises more than ImportError
     pytest.skip(f"vllm or openai is not importable: {exc}", allow_module_level=True)
 
 from llumnix.gateway import Gateway, GatewayConfig, serve
-from llumnix.llumlet import LlumletClient
+from llumnix.llumlet import LlumletClient, ReportSubscriber
 from llumnix.metastore import InstanceRecord, MetaStore, open_meta_store
 from llumnix.scheduler import DispatchPolicy
 from tests.e2e.test_pd_proxy import free_port
@@ -48,7 +47,9 @@ from tests.redis_server import REDIS_SERVER, RedisProcess
 
 REPO = Path(__file__).resolve().parents[2]
 START_DEADLINE_S = 420.0
-INSTANCE_LINE = re.compile(r"instance (i\d+): (\S+) \(pid (\d+)\), llumlet (\S+),")
+INSTANCE_LINE = re.compile(
+    r"instance (\w+) \((\w+)\): (\S+) \(pid (\d+)\), llumlet (\S+), reports (\S+),"
+)
 
 
 @dataclass
@@ -81,16 +82,19 @@ def wait_for_line(lines: queue.Queue[str | None], want: str, deadline: float) ->
     raise TimeoutError(f"no {want!r} from llumnix serve:\n" + "".join(seen[-40:]))
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+@contextlib.contextmanager
+def launch(
+    tmp_path_factory: pytest.TempPathFactory, args: list[str], names: set[str]
+) -> Iterator[Served]:
+    """Runs ``llumnix serve --model <tiny model> ARGS`` until the instances ``names`` serve;
+    on exit Ctrl-C must stop it with nothing left running."""
     model = write_model(tmp_path_factory.mktemp("serve-model"))
     logs = tmp_path_factory.mktemp("serve-logs")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llumnix.cli", "serve", "--model", str(model),
-         "--instances", "2", "--load-format", "dummy", "--port", str(port),
-         "--logs", str(logs)],
+         "--load-format", "dummy", "--port", str(port), "--logs", str(logs), *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
@@ -109,9 +113,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         for line in out:
             if m := INSTANCE_LINE.search(line):
                 engines[m.group(1)] = {
-                    "url": m.group(2), "pid": int(m.group(3)), "llumlet": m.group(4)
+                    "role": m.group(2), "url": m.group(3), "pid": int(m.group(4)),
+                    "llumlet": m.group(5), "reports": m.group(6),
                 }  # fmt: skip
-        assert set(engines) == {"i0", "i1"}, out
+        assert set(engines) == names, out
         yield Served(f"http://127.0.0.1:{port}", str(model), engines)
     finally:
         family = []
@@ -128,6 +133,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         assert code == 0 and not alive, f"llumnix serve left {alive} (exit {code})"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with launch(tmp_path_factory, ["--instances", "2"], {"i0", "i1"}) as s:
+        yield s
 
 
 def complete(c: openai.OpenAI, model: str, prompt: list[int], n: int, stream: bool) -> Any:
@@ -163,13 +174,6 @@ def instance_of(served: Served, prompt: list[int]) -> str:
         return str(resp.headers["X-Llumnix-Instance"])
 
 
-def running(llumlet: LlumletClient) -> int:
-    try:
-        return int(llumlet.status().num_running)
-    except grpc.RpcError:  # a slow answer from a busy engine: ask again
-        return -1
-
-
 def test_dispatch_avoids_a_loaded_instance(served: Served) -> None:
     stop = threading.Event()
 
@@ -198,11 +202,11 @@ def test_dispatch_avoids_a_loaded_instance(served: Served) -> None:
     loader = threading.Thread(target=asyncio.run, args=(load_i0(),))
     loader.start()
     try:
-        with served.llumlet("i0") as llumlet:
+        # The pushed reports, as the gateway sees them (a busy engine answers gRPC slowly).
+        with ReportSubscriber(served.engines["i0"]["reports"]) as reports:
             deadline = time.monotonic() + 60
-            while running(llumlet) < 4:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            while (report := reports.recv(1.0)) is None or report.num_running < 4:
+                assert time.monotonic() < deadline, report
         placed = Counter(instance_of(served, [7, 8, 9]) for _ in range(10))
     finally:
         stop.set()
@@ -284,14 +288,21 @@ class BrokenPolicy(DispatchPolicy):
         raise RuntimeError("broken on purpose")
 
 
+def record(iid: str, engine: dict[str, Any], blocks: int) -> InstanceRecord:
+    return InstanceRecord(
+        iid, engine["url"], llumlet=engine["llumlet"], reports=engine["reports"],
+        role=engine["role"], block_size=32, num_blocks=blocks,
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
-def gateway_in_thread(store: MetaStore, policy: str) -> Iterator[str]:
+def gateway_in_thread(store: MetaStore, policy: str, **config: Any) -> Iterator[str]:
     """A Gateway on a free loopback port, served from a thread of its own."""
     port = free_port()
     ready, stop = threading.Event(), threading.Event()
 
     async def main() -> None:
-        runner = await serve(Gateway(store, GatewayConfig(port=port, policy=policy)))
+        runner = await serve(Gateway(store, GatewayConfig(port=port, policy=policy, **config)))
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.05)
@@ -305,6 +316,7 @@ def gateway_in_thread(store: MetaStore, policy: str) -> Iterator[str]:
     finally:
         stop.set()
         thread.join(30)
+        assert not thread.is_alive(), "the gateway did not stop"
 
 
 def metric(url: str, name: str) -> float:
@@ -329,7 +341,7 @@ def test_a_dead_redis_meta_store_or_a_failing_policy_loses_no_request(served: Se
         for iid, e in served.engines.items():
             with served.llumlet(iid) as llumlet:
                 blocks = llumlet.status().num_total_blocks
-            store.register(InstanceRecord(iid, e["url"], e["llumlet"], "neutral", 32, blocks), 60)
+            store.register(record(iid, e, blocks), 60)
         with gateway_in_thread(store, "llumnix") as url:
             assert serves(url, served.model, 4) == [200] * 4
             redis.stop()
@@ -340,7 +352,7 @@ def test_a_dead_redis_meta_store_or_a_failing_policy_loses_no_request(served: Se
         redis.stop()
     store = open_meta_store("memory")
     for iid, e in served.engines.items():
-        store.register(InstanceRecord(iid, e["url"], e["llumlet"], "neutral", 32, 100), 60)
+        store.register(record(iid, e, 100), 60)
     with gateway_in_thread(store, "tests.e2e.test_serve:BrokenPolicy") as url:
         assert serves(url, served.model, 4) == [200] * 4
         assert metric(url, "llumnix_gateway_fallback_total") >= 4
