@@ -8,7 +8,8 @@ status line per instance and the URL are printed, and everything runs until Ctrl
 then the gateway stops and every engine process tree is ended (SIGTERM, then SIGKILL), so
 nothing is left running. With ``--pd P:D`` the first P instances are prefill instances and the
 other D decode instances (their llumlets say so); the gateway splits every request between
-the two pools (``--pd-mode pull|push``).
+the two pools (``--pd-mode pull|push``). With ``--ray [ADDRESS]`` the engines are Ray actors
+in placement groups on an existing Ray cluster instead (:mod:`llumnix.serve_ray`).
 """
 
 from __future__ import annotations
@@ -16,169 +17,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
+import queue
+import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
+from typing import Any
 
 from llumnix.gateway import Gateway, GatewayConfig, serve
+from llumnix.launch import Engine, parse_pd, start_engines
 from llumnix.llumlet import LlumletClient
 from llumnix.metastore import InstanceRecord, MetaStore, MetaStoreError, open_meta_store
+from llumnix.serve_ray import disconnect, start_ray_engines
 
 REGISTRATION_TTL_S = 3.0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class EngineProcess:
-    """One vLLM OpenAI server with its llumlet."""
-
-    instance_id: str
-    proc: subprocess.Popen[bytes]
-    url: str
-    llumlet: str
-    reports: str
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def log_tail(self, n: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM to the server, then SIGKILL to whatever is left of its process tree."""
-        try:
-            family = [psutil.Process(self.proc.pid)]
-            family += family[0].children(recursive=True)
-        except psutil.Error:
-            family = []
-        if self.alive():
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        _, alive = psutil.wait_procs(family, timeout=3)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-
-def engine_command(
-    args: argparse.Namespace,
-    port: int,
-    llumlet_port: int,
-    report_port: int,
-    iid: str,
-    role: str = "neutral",
-) -> list[str]:
-    kv = {
-        "kv_connector": "LlumletConnector",
-        "kv_connector_module_path": "llumnix.llumlet.vllm",
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {
-            "llumlet": {
-                "host": "127.0.0.1",
-                "port": llumlet_port,
-                "report_port": report_port,
-                "instance_id": iid,
-                "role": role,
-            }
-        },
-    }
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-        "--host", "127.0.0.1", "--port", str(port), "--block-size", str(args.block_size),
-        "--max-model-len", str(args.max_model_len), "--seed", "0",
-        "--kv-transfer-config", json.dumps(kv),
-    ]  # fmt: skip
-    if args.load_format:
-        cmd += ["--load-format", args.load_format]
-    if args.served_model_name:
-        cmd += ["--served-model-name", args.served_model_name]
-    if not args.no_enforce_eager:
-        cmd += ["--enforce-eager"]
-    if args.skip_tokenizer_init:
-        cmd += ["--skip-tokenizer-init"]
-    return cmd + list(args.engine_arg or [])
-
-
-def parse_pd(spec: str) -> tuple[int, int]:
-    """``P:D`` (prefill and decode instance counts, both at least 1)."""
-    try:
-        p, d = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise ValueError(f"--pd takes P:D, two counts such as 1:3, not {spec!r}") from None
-    if p < 1 or d < 1:
-        raise ValueError(f"--pd {spec}: both counts must be at least 1")
-    return p, d
-
-
-def instance_roles(args: argparse.Namespace) -> list[str]:
-    """Each instance's role: all neutral, or with ``--pd P:D`` P prefill then D decode."""
-    if not args.pd:
-        return ["neutral"] * args.instances
-    p, d = parse_pd(args.pd)
-    return ["prefill"] * p + ["decode"] * d
-
-
-def start_engines(args: argparse.Namespace, logs: Path) -> list[EngineProcess]:
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
-    engines = []
-    roles = instance_roles(args)
-    for i in range(args.instances):
-        iid = f"{roles[i][0]}{i}" if roles[i] != "neutral" else f"i{i}"
-        port, llumlet_port, report_port = free_port(), free_port(), free_port()
-        log = logs / f"{iid}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                engine_command(args, port, llumlet_port, report_port, iid, roles[i]),
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        engines.append(
-            EngineProcess(
-                iid,
-                proc,
-                f"http://127.0.0.1:{port}",
-                f"127.0.0.1:{llumlet_port}",
-                f"127.0.0.1:{report_port}",
-                log,
-            )
-        )
-    return engines
-
-
-def wait_ready(engines: list[EngineProcess], deadline_s: float) -> None:
+def wait_ready(engines: list[Engine], deadline_s: float) -> None:
     deadline = time.monotonic() + deadline_s
     pending = list(engines)
     while pending:
@@ -193,7 +54,7 @@ def wait_ready(engines: list[EngineProcess], deadline_s: float) -> None:
         time.sleep(0.5)
 
 
-def record_of(e: EngineProcess, block_size: int) -> InstanceRecord:
+def record_of(e: Engine, block_size: int) -> InstanceRecord:
     with LlumletClient(e.llumlet, timeout=5.0) as client:
         s = client.status()
     return InstanceRecord(
@@ -207,7 +68,7 @@ def record_of(e: EngineProcess, block_size: int) -> InstanceRecord:
     )
 
 
-async def run(args: argparse.Namespace, engines: list[EngineProcess], store: MetaStore) -> None:
+async def run(args: argparse.Namespace, engines: list[Engine], store: MetaStore) -> None:
     records = {e.instance_id: record_of(e, args.block_size) for e in engines}
     for r in records.values():
         store.register(r, REGISTRATION_TTL_S)
@@ -219,7 +80,7 @@ async def run(args: argparse.Namespace, engines: list[EngineProcess], store: Met
     for e in engines:
         r = records[e.instance_id]
         print(
-            f"instance {e.instance_id} ({r.role}): {e.url} (pid {e.proc.pid}), "
+            f"instance {e.instance_id} ({r.role}): {e.url} (pid {e.pid}), "
             f"llumlet {e.llumlet}, "
             f"reports {e.reports}, "
             f"{r.num_blocks} KV blocks of {r.block_size} tokens, log {e.log}",
@@ -289,6 +150,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-enforce-eager", action="store_true")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="place the engines as actors on the Ray cluster at ADDRESS (default: the one "
+        "this host belongs to), one placement group each",
+    )
+    p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs in each engine's bundle")
+    p.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs in each engine's bundle")
     p.add_argument("--logs", type=Path, default=None, help="folder for the engines' logs")
     p.add_argument(
         "--engine-arg", action="append", help="one more vLLM argument (repeat it)", default=[]
@@ -316,8 +188,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, MetaStoreError) as exc:
         print(f"--meta-store: {exc}", file=sys.stderr)
         return 2
-    engines = start_engines(args, logs)
+    engines: list[Engine] = []
     try:
+        if args.ray is not None:
+            engines += start_ray_engines(args, logs)
+        else:
+            engines += start_engines(args, logs)
         print(f"starting {args.instances} vLLM engines (logs in {logs}) ...", flush=True)
         wait_ready(engines, args.start_timeout)
         asyncio.run(run(args, engines, store))
@@ -329,5 +205,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for e in engines:
             e.stop()
+        if args.ray is not None:
+            disconnect()
         store.close()
     return 0
+
+
+INSTANCE_LINE = re.compile(
+    r"instance (?P<id>\w+) \((?P<role>\w+)\): (?P<url>\S+) \(pid (?P<pid>\d+)\), "
+    r"llumlet (?P<llumlet>\S+), reports (?P<reports>\S+), (?P<blocks>\d+) KV blocks"
+)
+
+
+class ServeProcess:
+    """``llumnix serve ARGS`` as a child process (its own session), for scripts and tests:
+    :meth:`wait_serving` reads its output until it serves and returns its instances (id ->
+    role, url, pid, llumlet, reports, blocks, from the status lines); :meth:`stop` sends
+    SIGINT, as Ctrl-C does, and kills the process group if it does not exit in time."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llumnix.cli", "serve", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_serving(self, deadline_s: float) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + deadline_s
+        instances: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.output.append(line)
+            if m := INSTANCE_LINE.search(line):
+                d: dict[str, Any] = m.groupdict()
+                d["pid"], d["blocks"] = int(d["pid"]), int(d["blocks"])
+                instances[d.pop("id")] = d
+            if "Llumnix serves" in line:
+                return instances
+        tail = "".join(self.output[-40:])
+        raise TimeoutError(f"llumnix serve did not start serving in {deadline_s} s:\n{tail}")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """Its exit code, or None when it had to be killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            return None

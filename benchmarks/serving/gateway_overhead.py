@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,12 +36,7 @@ from aiohttp import web
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from llumnix.launch import free_port  # noqa: E402
 
 # ----------------------------------------------------------------------------- upstream
 

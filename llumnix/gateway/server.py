@@ -46,9 +46,10 @@ import itertools
 import json
 import logging
 import re
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -180,6 +181,15 @@ class Gateway:
             "llumnix_gateway_dispatch_seconds",
             "Time to choose an instance",
             buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+            registry=reg,
+        )
+        self.m_age = Histogram(
+            "llumnix_gateway_status_age_seconds",
+            "Age of the chosen instance's last report when a request was placed on it, by "
+            "whether that report showed running requests (busy: it reports after each step) "
+            "or none (idle: heartbeats only, its state unchanged)",
+            ["state"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
             registry=reg,
         )
         self.m_fallback = Counter(
@@ -345,6 +355,9 @@ class Gateway:
             self.m_fallback.labels("scheduler_error").inc()
         self.m_dispatch.observe(time.perf_counter() - began)
         if target is not None and target not in exclude:
+            chosen = scheduler.view.statuses[target]
+            state = "busy" if chosen.num_running else "idle"
+            self.m_age.labels(state).observe(time.time() - chosen.timestamp)
             return target
         if target is not None:
             scheduler.ledger.discard(target, r.request_id)
@@ -697,3 +710,35 @@ async def serve(gateway: Gateway) -> web.AppRunner:
     site = web.TCPSite(runner, gateway.config.host, gateway.config.port)
     await site.start()
     return runner
+
+
+@contextlib.contextmanager
+def serve_in_thread(gateway: Gateway, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Serves ``gateway`` from an event loop in a thread of its own (for scripts and tests
+    that are not async); yields its base URL and stops it on exit."""
+    ready, stop = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    async def main() -> None:
+        try:
+            runner = await serve(gateway)
+        except BaseException as exc:
+            failed.append(exc)
+            ready.set()
+            return
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await runner.cleanup()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name="llumnix-gateway")
+    thread.start()
+    try:
+        if not ready.wait(start_timeout_s) or failed:
+            raise RuntimeError(f"the gateway did not start: {failed[0] if failed else 'timeout'}")
+        yield f"http://{gateway.config.host}:{gateway.config.port}"
+    finally:
+        stop.set()
+        thread.join(30)
+        if thread.is_alive():
+            raise RuntimeError("the gateway did not stop in 30 s")

@@ -13,11 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -37,19 +33,17 @@ try:
 except Exception as exc:  # a broken install raises more than ImportError
     pytest.skip(f"vllm or openai is not importable: {exc}", allow_module_level=True)
 
-from llumnix.gateway import Gateway, GatewayConfig, serve
+from llumnix.gateway import Gateway, GatewayConfig, serve_in_thread
 from llumnix.llumlet import LlumletClient, ReportSubscriber
 from llumnix.metastore import InstanceRecord, MetaStore, open_meta_store
 from llumnix.scheduler import DispatchPolicy
+from llumnix.serve import ServeProcess
 from tests.e2e.test_pd_proxy import free_port
 from tests.e2e.vllm_engine import write_model
 from tests.redis_server import REDIS_SERVER, RedisProcess
 
 REPO = Path(__file__).resolve().parents[2]
 START_DEADLINE_S = 420.0
-INSTANCE_LINE = re.compile(
-    r"instance (\w+) \((\w+)\): (\S+) \(pid (\d+)\), llumlet (\S+), reports (\S+),"
-)
 
 
 @dataclass
@@ -67,21 +61,6 @@ class Served:
         return LlumletClient(self.engines[iid]["llumlet"], timeout=5.0)
 
 
-def wait_for_line(lines: queue.Queue[str | None], want: str, deadline: float) -> list[str]:
-    seen = []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        seen.append(line)
-        if want in line:
-            return seen
-    raise TimeoutError(f"no {want!r} from llumnix serve:\n" + "".join(seen[-40:]))
-
-
 @contextlib.contextmanager
 def launch(
     tmp_path_factory: pytest.TempPathFactory, args: list[str], names: set[str]
@@ -92,42 +71,21 @@ def launch(
     logs = tmp_path_factory.mktemp("serve-logs")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llumnix.cli", "serve", "--model", str(model),
-         "--load-format", "dummy", "--port", str(port), "--logs", str(logs), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+    serving = ServeProcess(
+        ["--model", str(model), "--load-format", "dummy", "--port", str(port),
+         "--logs", str(logs), *args],
+        env=env,
     )  # fmt: skip
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    engines: dict[str, dict[str, Any]] = {}
     try:
-        out = wait_for_line(lines, "Llumnix serves", time.monotonic() + START_DEADLINE_S)
-        for line in out:
-            if m := INSTANCE_LINE.search(line):
-                engines[m.group(1)] = {
-                    "role": m.group(2), "url": m.group(3), "pid": int(m.group(4)),
-                    "llumlet": m.group(5), "reports": m.group(6),
-                }  # fmt: skip
-        assert set(engines) == names, out
+        engines = serving.wait_serving(START_DEADLINE_S)
+        assert set(engines) == names, serving.output
         yield Served(f"http://127.0.0.1:{port}", str(model), engines)
     finally:
         family = []
         with contextlib.suppress(psutil.Error):
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            code = None
-            os.killpg(proc.pid, signal.SIGKILL)
+            me = psutil.Process(serving.proc.pid)
+            family = [me, *me.children(recursive=True)]
+        code = serving.stop()  # SIGINT, what Ctrl-C does
         _, alive = psutil.wait_procs(family, timeout=10)
         for p in alive:
             with contextlib.suppress(psutil.Error):
@@ -298,25 +256,9 @@ def record(iid: str, engine: dict[str, Any], blocks: int) -> InstanceRecord:
 @contextlib.contextmanager
 def gateway_in_thread(store: MetaStore, policy: str, **config: Any) -> Iterator[str]:
     """A Gateway on a free loopback port, served from a thread of its own."""
-    port = free_port()
-    ready, stop = threading.Event(), threading.Event()
-
-    async def main() -> None:
-        runner = await serve(Gateway(store, GatewayConfig(port=port, policy=policy, **config)))
-        ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        await runner.cleanup()
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),))
-    thread.start()
-    try:
-        assert ready.wait(30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        thread.join(30)
-        assert not thread.is_alive(), "the gateway did not stop"
+    gateway = Gateway(store, GatewayConfig(port=free_port(), policy=policy, **config))
+    with serve_in_thread(gateway) as url:
+        yield url
 
 
 def metric(url: str, name: str) -> float:
