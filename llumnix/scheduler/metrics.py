@@ -88,7 +88,12 @@ class Freeness(Metric):
         if self.headroom and (s.num_high_priority or p.num_high_priority):
             free -= self.headroom
         n = self.batch(s, p)
-        return free / n if n > 1 else free
+        if n <= 1:
+            return free
+        # The paper's free / B ranks a deficit shared by more requests as *better* (-100 / 10
+        # beats -50 / 2), sending work to the most loaded instance once every queue is long.
+        # A deficit is multiplied instead: more requests never make an instance look freer.
+        return free / n if free >= 0 else free * n
 
     def batch(self, s: InstanceStatus, p: PendingLoad) -> int:
         """``B``: running requests plus the queued requests whose demand is counted."""

@@ -8,6 +8,7 @@ matches the engine's own cache size in ``/metrics``."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import threading
@@ -172,7 +173,10 @@ def test_reports_follow_concurrent_requests_step_by_step(
     # Progress is monotonic per request and reaches the end.
     for request_id in {r.request_id for s in busy for r in s.requests}:
         out = [r.output_tokens for s in busy for r in s.requests if r.request_id == request_id]
-        assert out == sorted(out) and out[-1] >= MAX_TOKENS - 2
+        # Reports are at most one per 20 ms, so the last one before the finish may be a few
+        # tokens short of the end: within one report's progress of it.
+        gap = max([b - a for a, b in itertools.pairwise(out)], default=0)
+        assert out == sorted(out) and out[-1] + gap >= MAX_TOKENS - 1
     steps = [s.step_id for s in reports]
     assert steps == sorted(steps) and steps[-1] - before.step_id >= MAX_TOKENS
     after = idle(client)

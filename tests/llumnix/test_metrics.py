@@ -58,6 +58,20 @@ def test_blocked_head_of_line_makes_freeness_negative():
     assert MigrationFreeness().evaluate(s, NO_PENDING) < 0
 
 
+def test_under_overload_more_queued_requests_never_look_freer():
+    # Both short of blocks; "a" shares a larger deficit among more requests. The paper's
+    # free / B would rank "a" (-100 / 10 = -10) above "b" (-50 / 2 = -25).
+    a = make_status("a", num_free_blocks=0, num_running=5, num_waiting=5, waiting_demand_blocks=100)
+    b = make_status("b", num_free_blocks=0, num_running=1, num_waiting=1, waiting_demand_blocks=50)
+    m = Freeness()
+    assert m.evaluate(a, NO_PENDING) < m.evaluate(b, NO_PENDING) < 0
+    # Monotonic in the request count on both sides of zero.
+    for free in (80, 0, -40):
+        s = make_status("c", num_free_blocks=free + 40, num_waiting=1, waiting_demand_blocks=40)
+        values = [m.evaluate(s, PendingLoad(num_requests=k, blocks=0)) for k in range(6)]
+        assert values == sorted(values, reverse=True), (free, values)
+
+
 def test_high_priority_headroom_and_draining():
     hp = make_status("a", num_free_blocks=80, num_running=2, num_high_priority=1)
     plain = make_status("b", num_free_blocks=80, num_running=2)
