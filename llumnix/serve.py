@@ -257,6 +257,10 @@ class ServeProcess:
             if "Llumnix serves" in line:
                 return instances
         tail = "".join(self.output[-40:])
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"llumnix serve exited ({self.proc.returncode}) before serving:\n{tail}"
+            )
         raise TimeoutError(f"llumnix serve did not start serving in {deadline_s} s:\n{tail}")
 
     def stop(self, timeout: float = 60.0) -> int | None:
