@@ -15,7 +15,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -76,23 +76,28 @@ class EngineProcess:
         return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM to the server, then SIGKILL to whatever is left of its process tree."""
-        try:
-            family = [psutil.Process(self.proc.pid)]
-            family += family[0].children(recursive=True)
-        except psutil.Error:
-            family = []
-        if self.alive():
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        _, alive = psutil.wait_procs(family, timeout=3)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
+        stop_process_tree(self.proc, timeout)
+
+
+def stop_process_tree(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """SIGTERM to ``proc``, then, after ``timeout``, SIGKILL to whatever is left of it and its
+    descendants (a vLLM server's engine core and workers)."""
+    try:
+        family = [psutil.Process(proc.pid)]
+        family += family[0].children(recursive=True)
+    except psutil.Error:
+        family = []
+    if proc.poll() is None:
+        proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
+            proc.wait(timeout)
+    _, alive = psutil.wait_procs(family, timeout=3)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
 
 
 def engine_command(

@@ -30,11 +30,11 @@ import pytest
 
 try:
     import aiohttp  # noqa: F401  (the proxy's HTTP stack)
-    import psutil
     import vllm  # noqa: F401
 except Exception as exc:  # a broken install raises more than ImportError
     pytest.skip(f"vllm (with aiohttp) is not importable: {exc}", allow_module_level=True)
 
+from llumnix.launch import stop_process_tree
 from tests.e2e.vllm_engine import write_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,22 +96,7 @@ class Server:
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the process, SIGKILL to it and to what is left of its descendants (the
         engine core and worker processes of a vLLM server) after ``timeout``."""
-        try:
-            family = [psutil.Process(self.proc.pid)]
-            family += family[0].children(recursive=True)
-        except psutil.Error:
-            family = []
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        _, alive = psutil.wait_procs(family, timeout=5)
-        for child in alive:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        psutil.wait_procs(alive, timeout=10)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
+        stop_process_tree(self.proc, timeout)
 
 
 def spawn(name: str, args: list[str], port: int, logs: Path) -> Server:
