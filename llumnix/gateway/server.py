@@ -5,8 +5,9 @@ Instances come from the meta store (re-read every ``refresh_s``). The gateway su
 each llumlet's pushed reports (ZMQ, asyncio) and feeds every one to the scheduler
 (:class:`~llumnix.scheduler.Scheduler`), so a dispatch sees the state after the instance's last
 step plus what this gateway dispatched since (the in-flight ledger). An instance silent for
-``suspect_after_s`` (its heartbeats stopped) or that failed a request gets no new work until
-it reports again; the ``staleness`` filter also drops reports older than ``staleness_s``.
+``suspect_after_s`` (its heartbeats stopped) whose ``/health`` then fails, or that failed a
+request, gets no new work until it reports again; the ``staleness`` filter also drops
+reports older than ``staleness_s``.
 
 A request is forwarded with ``X-Request-Id: <gateway id>`` and its response streamed back as
 it comes, with ``X-Llumnix-Instance: <instance id>`` added. Before any byte reached the
@@ -98,8 +99,10 @@ class GatewayConfig:
     """Longest silence of an upstream response (between two chunks)."""
     max_attempts: int = 3
     suspect_after_s: float = 1.0
-    """No report for this long (about four missed heartbeats): the instance gets no new work
-    until it reports again."""
+    """No report for this long (about four missed heartbeats): the instance's ``/health`` is
+    checked (within ``health_timeout_s``); if it fails, the instance gets no new work until it
+    reports again. A busy host can delay heartbeats; only a failed check marks it down."""
+    health_timeout_s: float = 2.0
     api_key: str = ""
     """When set, clients must send ``Authorization: Bearer <api_key>``."""
     pd_mode: str = "pull"
@@ -292,9 +295,12 @@ class Gateway:
                 return
             while True:
                 if not await sock.poll(int(self.config.suspect_after_s * 1000)):
-                    if record.instance_id not in self._down:
-                        logger.warning("no report from %s: suspect", record.instance_id)
-                    self._suspect(record.instance_id)
+                    self.m_errors.labels("silent_instance").inc()
+                    if not await self._answers_health(record):
+                        if record.instance_id not in self._down:
+                            logger.warning("no report from %s and its health check failed: "
+                                           "suspect", record.instance_id)  # fmt: skip
+                        self._suspect(record.instance_id)
                     continue
                 data = await sock.recv()
                 try:
@@ -305,6 +311,17 @@ class Gateway:
                 self.on_status(record.instance_id, report)
         finally:
             sock.close(linger=0)
+
+    async def _answers_health(self, record: InstanceRecord) -> bool:
+        """Whether the instance's ``/health`` answers 200 within ``health_timeout_s``."""
+        if self._session is None:
+            return False
+        timeout = aiohttp.ClientTimeout(total=self.config.health_timeout_s)
+        try:
+            async with self._session.get(record.url + "/health", timeout=timeout) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
 
     def scheduler_of(self, instance_id: str) -> Scheduler:
         """The scheduler of the instance's pool (its role)."""
