@@ -74,7 +74,13 @@ async def run(args: argparse.Namespace, engines: list[Engine], store: MetaStore)
         store.register(r, REGISTRATION_TTL_S)
     gateway = Gateway(
         store,
-        GatewayConfig(host=args.host, port=args.port, policy=args.policy, pd_mode=args.pd_mode),
+        GatewayConfig(
+            host=args.host,
+            port=args.port,
+            policy=args.policy,
+            pd_mode=args.pd_mode,
+            migration=args.migration,
+        ),
     )
     runner = await serve(gateway)
     for e in engines:
@@ -135,6 +141,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--pd-mode", choices=("pull", "push"), default="pull", help="how PD moves the KV"
     )
     p.add_argument("--policy", default="llumnix", help="llumnix, round_robin, infaas++, ...")
+    p.add_argument(
+        "--migration",
+        action="store_true",
+        help="relay streams token by token so they can be live-migrated "
+        "(POST /v1/llumnix/migrate) and resumed elsewhere when their instance fails",
+    )
     p.add_argument("--meta-store", default="memory", help="memory or redis://host:port/db")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -61,6 +61,15 @@ from aiohttp import web
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from llumnix.gateway.migration import (
+    LiveRequest,
+    Migration,
+    MigrationError,
+    Outcome,
+    sse,
+    stage_prompt,
+    why_not_migratable,
+)
 from llumnix.llumlet import llumlet_pb2 as pb
 from llumnix.llumlet.status import to_instance_status
 from llumnix.metastore import InstanceRecord, MetaStore, MetaStoreError
@@ -107,6 +116,14 @@ class GatewayConfig:
     """When set, clients must send ``Authorization: Bearer <api_key>``."""
     pd_mode: str = "pull"
     """How prefill and decode instances share a request's KV: ``pull`` or ``push``."""
+    migration: bool = False
+    """Relay migratable streams token by token so they can be live-migrated
+    (:mod:`llumnix.gateway.migration`) and resumed elsewhere when their instance fails."""
+    migration_max_stages: int = 3
+    migration_last_stage_blocks: int = 2
+    """Cut over once at most this many full blocks were added since the last stage."""
+    migration_stage_timeout_s: float = 30.0
+    migration_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.pd_mode not in PD_MODES:
@@ -176,6 +193,7 @@ class Gateway:
         self._refresher: asyncio.Task[None] | None = None
         self._zmq = zmq.asyncio.Context()
         self._open = 0
+        self.live: dict[str, LiveRequest] = {}  # migratable streams being relayed
         reg = self.metrics_registry = CollectorRegistry()
         self.m_requests = Counter(
             "llumnix_gateway_requests", "Requests by outcome", ["outcome"], registry=reg
@@ -208,6 +226,19 @@ class Gateway:
             "llumnix_gateway_instance", "Last report of each instance", ["instance", "field"],
             registry=reg,
         )  # fmt: skip
+        self.m_migrations = Counter(
+            "llumnix_gateway_migrations", "Live migrations by outcome", ["outcome"], registry=reg
+        )
+        self.m_resumed = Counter(
+            "llumnix_gateway_resumed", "Streams continued on another instance after theirs "
+            "failed mid-stream", registry=reg,
+        )  # fmt: skip
+        self.m_downtime = Histogram(
+            "llumnix_gateway_migration_downtime_seconds",
+            "Gap between the source's last token and the destination's first, at the gateway",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=reg,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -452,9 +483,14 @@ class Gateway:
             if self.disaggregated:
                 return await self._handle_pd(request, path, body, chat, r)
             tried: set[str] = set()
-            done = await self._attempts(
-                "neutral", r, tried, lambda t: self._forward(request, t, path, body, rid)
-            )
+            if self.config.migration and why_not_migratable(body, chat) is None:
+                done = await self._attempts(
+                    "neutral", r, tried, lambda t: self._relay(request, t, path, body, rid, chat)
+                )
+            else:
+                done = await self._attempts(
+                    "neutral", r, tried, lambda t: self._forward(request, t, path, body, rid)
+                )
             return self._finish(done, tried, "")
         finally:
             self._open -= 1
@@ -661,6 +697,294 @@ class Gateway:
                 await response.write_eof()
             return response
 
+    # ------------------------------------------------------------------ live streams
+
+    async def _relay(
+        self, request: web.Request, target: str, path: str, body: dict[str, Any], rid: str,
+        chat: bool,
+    ) -> web.StreamResponse:  # fmt: skip
+        """A migratable stream, relayed event by event (:mod:`llumnix.gateway.migration`):
+        it can be cut over to another instance at a token boundary, and continues elsewhere
+        when its instance fails mid-stream."""
+        live = LiveRequest(rid, body, chat, target)
+        prompt = body.get("prompt")
+        if not chat and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            live.prompt_ids = list(prompt)
+        upstream = await self._post(target, path, live.upstream_body(), rid)
+        if upstream.status != 200:
+            async with upstream:
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    raise _Upstream(f"{type(exc).__name__} reading the answer: {exc}") from exc
+            return web.Response(
+                status=upstream.status,
+                body=data,
+                content_type="application/json",
+                headers={"X-Request-Id": rid, "X-Llumnix-Instance": target},
+            )
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Request-Id": rid,
+                "X-Llumnix-Instance": target,
+            },
+        )
+        self.live[rid] = live
+        try:
+            outcome = await self._pump(live, upstream, response, request)
+            while outcome != "done":
+                upstream.close()
+                if outcome == "broken" and not response.prepared:
+                    raise _Upstream("the stream ended before its first event")
+                resumed = await self._resume(live, outcome)
+                if resumed is None:
+                    event = error_body(
+                        502, f"no instance could continue the request after {live.instance}",
+                        "upstream_error",
+                    )  # fmt: skip
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await response.write(sse(event) + b"data: [DONE]\n\n")
+                    break
+                upstream = resumed
+                outcome = await self._pump(live, upstream, response, request)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await response.write_eof()
+            return response
+        finally:
+            upstream.close()
+            self.live.pop(rid, None)
+            self._settle(live, Outcome.CANCELLED, "the request ended before the cut")
+
+    async def _post(
+        self, target: str, path: str, body: dict[str, Any], rid: str
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+        try:
+            return await self._session.post(self.records[target].url + path, json=body,
+                                            headers=headers)  # fmt: skip
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError) as exc:
+            raise _Upstream(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _pump(
+        self,
+        live: LiveRequest,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        request: web.Request,
+    ) -> str:
+        """Relays one instance's events: ``done`` once ``[DONE]`` is relayed, ``cut`` when a
+        migration asked to switch (right after a token event), ``broken`` when the stream
+        failed or ended early."""
+        try:
+            async for line in upstream.content:
+                if not line.endswith(b"\n"):
+                    return "broken"  # a partial event: never relayed
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if not response.prepared:
+                    await response.prepare(request)
+                if data == b"[DONE]":
+                    await response.write(b"data: [DONE]\n\n")
+                    return "done"
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    self.m_errors.labels("bad_event").inc()
+                    continue
+                out = live.absorb(chunk)
+                if out is not None:
+                    await response.write(sse(out))
+                mig = live.migration
+                if mig is None:
+                    continue
+                if mig.resumed:
+                    self._commit(live, mig)
+                elif mig.cut.is_set() and not live.finished:
+                    return "cut"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            logger.warning("%s: stream from %s broke: %s", live.request_id, live.instance, exc)
+        return "broken"
+
+    def _commit(self, live: LiveRequest, mig: Migration) -> None:
+        """The first event after a cut was relayed: done if it came from the destination,
+        rolled back if from the source."""
+        if live.instance == mig.destination:
+            mig.downtime_s = time.monotonic() - mig.cut_token_at
+            self.m_downtime.observe(mig.downtime_s)
+            live.migrations += 1
+            self._settle(live, Outcome.DONE, "")
+        else:
+            self._settle(live, Outcome.ROLLED_BACK, mig.reason or "the destination failed")
+
+    def _settle(self, live: LiveRequest, outcome: Outcome, reason: str) -> None:
+        mig = live.migration
+        if mig is None:
+            return
+        live.migration = None
+        mig.state, mig.reason = outcome.value, mig.reason or reason
+        self.m_migrations.labels(outcome.value).inc()
+        if mig.result is not None and not mig.result.done():
+            mig.result.set_result(outcome)
+
+    async def _resume(self, live: LiveRequest, why: str) -> aiohttp.ClientResponse | None:
+        """Continues the request on another instance: after a cut the destination, else (it
+        failed) the source; after a failure the migration's destination if any, else the
+        scheduler's choice. Returns the new stream, or None when no instance took it."""
+        mig = live.migration
+        failed = live.instance
+        if why == "cut":
+            assert mig is not None
+            mig.cut_token_at = live.last_token_at
+            preferred = [mig.destination, failed]
+        else:
+            self.m_errors.labels("upstream_mid_stream").inc()
+            self._suspect(failed)
+            preferred = [mig.destination] if mig is not None else []
+            if mig is not None:
+                mig.reason = f"the source {failed} failed"
+        if live.prompt_ids is None:
+            return None  # nothing to continue from (no event yet: cannot happen mid-stream)
+        tried = {failed} if why != "cut" else set()
+        r = DispatchRequest(live.request_id, len(live.tokens))
+        for _ in range(self.config.max_attempts + len(preferred)):
+            target = preferred.pop(0) if preferred else self.choose(r, tried)
+            if target is None:
+                return None
+            if target in tried:
+                continue
+            tried.add(target)
+            try:
+                upstream = await self._post(target, "/v1/completions", live.continuation(),
+                                            f"{live.request_id}-r{live.segment + 1}")  # fmt: skip
+            except _Upstream as exc:
+                logger.warning("%s: resuming on %s: %s", live.request_id, target, exc)
+                self._suspect(target)
+                continue
+            finally:
+                self.schedulers["neutral"].ledger.discard(target, live.request_id)
+            if upstream.status != 200:
+                text = await upstream.text()
+                upstream.close()
+                logger.warning("%s: %s refused the continuation: HTTP %d %s", live.request_id,
+                               target, upstream.status, text[:200])  # fmt: skip
+                continue
+            if why != "cut":
+                self.m_resumed.inc()
+            if mig is not None:
+                mig.resumed = True  # its next event commits (or rolls back) the migration
+            live.begin_segment(target)
+            logger.info("%s continues on %s after %d tokens (%s)", live.request_id, target,
+                        len(live.output_ids), why)  # fmt: skip
+            return upstream
+        return None
+
+    # ------------------------------------------------------------------ migration
+
+    async def migrate(self, request_id: str, destination: str) -> dict[str, Any]:
+        """Live-migrates a relayed stream to ``destination``; returns the migration's summary
+        once it is done, rolled back or cancelled. Raises :class:`MigrationError` when it
+        cannot start."""
+        live = self.live.get(request_id)
+        if live is None:
+            raise MigrationError(404, f"no migratable stream {request_id!r} in progress")
+        if live.migration is not None:
+            raise MigrationError(409, f"{request_id} is already being migrated")
+        if live.finished or live.prompt_ids is None:
+            raise MigrationError(409, f"{request_id} has finished or not started")
+        record = self.records.get(destination)
+        if record is None or destination in self._down:
+            raise MigrationError(400, f"destination {destination!r} is not a live instance")
+        if destination == live.instance:
+            raise MigrationError(400, f"{request_id} already runs on {destination}")
+        if record.role != "neutral" or self.records[live.instance].role != "neutral":
+            raise MigrationError(400, "only requests between neutral instances migrate")
+        mig = Migration(live.instance, destination)
+        mig.result = asyncio.get_running_loop().create_future()
+        live.migration = mig
+        try:
+            await asyncio.wait_for(self._migrate(live, mig), self.config.migration_timeout_s)
+        except asyncio.TimeoutError:
+            if live.migration is mig and mig.state != "committing":
+                self._settle(live, Outcome.ROLLED_BACK, "the migration's deadline passed")
+        return mig.summary(request_id)
+
+    async def _migrate(self, live: LiveRequest, mig: Migration) -> None:
+        mig.state = "copying"
+        block = self.records[mig.source].block_size
+        copied = 0
+        for _ in range(self.config.migration_max_stages):
+            prompt = stage_prompt(live, block)
+            if prompt is None or (len(prompt) - 1 - copied) // block <= (
+                self.config.migration_last_stage_blocks
+            ):
+                break
+            try:
+                await asyncio.wait_for(self._stage(live, mig, prompt),
+                                       self.config.migration_stage_timeout_s)  # fmt: skip
+            except (_Upstream, _Answer, asyncio.TimeoutError, ValueError) as exc:
+                what = exc.response.status if isinstance(exc, _Answer) else exc
+                self._settle(live, Outcome.ROLLED_BACK, f"stage {mig.stages + 1} failed: {what}")
+                return
+            if live.migration is not mig:
+                return  # the request ended meanwhile
+            copied = len(prompt) - 1
+            mig.stages, mig.copied_tokens = mig.stages + 1, copied
+        if live.migration is not mig or live.finished:
+            self._settle(live, Outcome.CANCELLED, "the request finished on the source")
+            return
+        mig.state = "committing"
+        mig.cut.set()
+        assert mig.result is not None
+        await mig.result
+
+    async def _stage(self, live: LiveRequest, mig: Migration, prompt: list[int]) -> None:
+        """One pre-copy stage: the source hands off the KV of ``prompt[:-1]`` (a one-token
+        request hitting its own cache), the destination reads what it lacks of it."""
+        rid = f"{live.request_id}-m{live.migrations}s{mig.stages + 1}"
+        base: dict[str, Any] = {k: live.body[k] for k in ("model", "cache_salt") if k in live.body}
+        one: dict[str, Any] = {
+            **base,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "stream": False,
+        }
+        send = {**one, "kv_transfer_params": {"do_remote_decode": True}}
+        data = await self._post_prefill(mig.source, "/v1/completions", send, rid)
+        handoff = json.loads(data).get("kv_transfer_params")
+        if not isinstance(handoff, dict):
+            raise _Upstream(f"the source {mig.source} handed off no KV")
+        await self._post_prefill(mig.destination, "/v1/completions",
+                                 {**one, "kv_transfer_params": handoff}, rid)  # fmt: skip
+
+    async def migrate_endpoint(self, request: web.Request) -> web.Response:
+        """``POST /v1/llumnix/migrate {"request_id": ..., "destination": ...}``."""
+        if not self._authorized(request):
+            return error_response(401, "missing or wrong API key", "AuthenticationError")
+        try:
+            body = await request.json()
+            rid, dst = str(body["request_id"]), str(body["destination"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return error_response(
+                400, f"expected {{request_id, destination}}: {exc}", "BadRequestError"
+            )
+        try:
+            return web.json_response(await self.migrate(rid, dst))
+        except MigrationError as exc:
+            return error_response(exc.status, str(exc), "MigrationError")
+
+    async def live_requests(self, request: web.Request) -> web.Response:
+        """``GET /v1/llumnix/requests``: the migratable streams being relayed."""
+        if not self._authorized(request):
+            return error_response(401, "missing or wrong API key", "AuthenticationError")
+        return web.json_response([live.snapshot() for live in self.live.values()])
+
     async def models(self, request: web.Request) -> web.Response:
         assert self._session is not None
         for iid, record in list(self.records.items()):
@@ -714,6 +1038,8 @@ def build_app(gateway: Gateway) -> web.Application:
         ("GET", "/v1/models", gateway.models),
         ("GET", "/health", gateway.health),
         ("GET", "/metrics", gateway.metrics),
+        ("POST", "/v1/llumnix/migrate", gateway.migrate_endpoint),
+        ("GET", "/v1/llumnix/requests", gateway.live_requests),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

@@ -4,8 +4,11 @@ gateway, driven by the official ``openai`` client.
 Greedy completions through the gateway (streamed and not, completions and chat-free token
 prompts) equal an engine's own answer; a loaded instance is avoided; a client that
 disconnects aborts its request and the llumlet shows its blocks back; bad JSON, an unknown
-model and a too long prompt get the status vLLM gives; a SIGKILLed instance's new requests go
-elsewhere and a stream it was serving ends with an error event; Ctrl-C stops everything."""
+model and a too long prompt get the status vLLM gives; a stream live-migrated to the other
+instance (once, twice, or outrun by its own end) equals the unmigrated answer token for token,
+with the KV moved through the connector and every block back afterwards; a SIGKILLed
+instance's new requests go elsewhere and a stream it was serving continues on the survivor;
+Ctrl-C stops everything. The gateway runs with ``--migration``."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import threading
 import time
@@ -38,7 +42,7 @@ from llumnix.llumlet import LlumletClient, ReportSubscriber
 from llumnix.metastore import InstanceRecord, MetaStore, open_meta_store
 from llumnix.scheduler import DispatchPolicy
 from llumnix.serve import ServeProcess
-from tests.e2e.test_pd_proxy import free_port
+from tests.e2e.test_pd_proxy import EXTERNAL_METRIC, free_port
 from tests.e2e.vllm_engine import write_model
 from tests.redis_server import REDIS_SERVER, RedisProcess
 
@@ -95,7 +99,7 @@ def launch(
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with launch(tmp_path_factory, ["--instances", "2"], {"i0", "i1"}) as s:
+    with launch(tmp_path_factory, ["--instances", "2", "--migration"], {"i0", "i1"}) as s:
         yield s
 
 
@@ -278,6 +282,13 @@ def metric(url: str, name: str) -> float:
     )
 
 
+def counter(url: str, pattern: re.Pattern[str]) -> float:
+    """The value of the first match of ``pattern`` in the ``/metrics`` of ``url``."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        match = pattern.search(resp.read().decode())
+    return float(match.group(1)) if match else 0.0
+
+
 def serves(url: str, model: str, n: int) -> list[int]:
     body = json.dumps({"model": model, "prompt": [5, 6], "max_tokens": 2}).encode()
     return [post(url + "/v1/completions", body)[0] for _ in range(n)]
@@ -309,33 +320,245 @@ def test_a_dead_redis_meta_store_or_a_failing_policy_loses_no_request(served: Se
         assert metric(url, "llumnix_gateway_fallback_total") >= 4
 
 
-def test_a_killed_instance_new_requests_go_elsewhere_and_its_streams_end_with_an_error(
+class Stream:
+    """A streamed greedy completion through the gateway, read event by event: its token ids,
+    the text, the finish reason and usage the client sees."""
+
+    def __init__(self, served: Served, prompt: list[int], max_tokens: int, **extra: Any) -> None:
+        body = {
+            "model": served.model, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "ignore_eos": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}, **extra,
+        }  # fmt: skip
+        req = urllib.request.Request(
+            served.url + "/v1/completions", json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        self.resp = urllib.request.urlopen(req, timeout=120)
+        self.request_id = self.resp.headers["X-Request-Id"]
+        self.instance = self.resp.headers["X-Llumnix-Instance"]
+        self.ids: list[int] = []
+        self.ids_chunks: list[str] = []
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+        self.events: list[dict[str, Any]] = []
+
+    def read_until(self, n: int) -> None:
+        """Reads events until ``n`` tokens arrived or the stream ended."""
+        while not self.done and len(self.ids) < n:
+            line = self.resp.readline()
+            if not line:
+                raise AssertionError(f"the stream ended without [DONE] after {self.events[-3:]}")
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                break
+            event = json.loads(data)
+            self.events.append(event)
+            assert "error" not in event, event
+            for c in event["choices"]:
+                self.ids += c.get("token_ids") or []
+                self.finish = c.get("finish_reason") or self.finish
+                assert not c.get("prompt_token_ids") or len(self.events) == 1, event
+            self.usage = event.get("usage") or self.usage
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+def migrate(served: Served, request_id: str, destination: str) -> dict[str, Any]:
+    body = json.dumps({"request_id": request_id, "destination": destination}).encode()
+    status, answer = post(served.url + "/v1/llumnix/migrate", body)
+    assert status == 200, (answer, live_requests(served))
+    return answer
+
+
+class migrating:
+    """Starts a migration in a thread (the call returns when it is over); ``self()`` waits
+    for it and returns its summary."""
+
+    def __init__(self, served: Served, request_id: str, destination: str) -> None:
+        self.out: list[dict[str, Any]] = []
+        args = (served, request_id, destination)
+        self.thread = threading.Thread(target=lambda: self.out.append(migrate(*args)))
+        self.thread.start()
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def __call__(self) -> dict[str, Any]:
+        self.thread.join(120)
+        assert self.out, "the migration call did not return"
+        return self.out[0]
+
+
+def other(instance: str) -> str:
+    return {"i0": "i1", "i1": "i0"}[instance]
+
+
+MIGRATED_TOKENS = 400  # long enough that a migration starts well before the end
+
+
+def fresh_prompt(seed: int, n: int = 297) -> list[int]:
+    """A prompt no instance has cached (297 tokens: 9 full blocks of 32)."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, 490) for _ in range(n)]
+
+
+def unmigrated(served: Served, prompt: list[int], n: int = MIGRATED_TOKENS) -> list[int]:
+    """The greedy answer of an engine called directly (after the migrated run, so that the
+    destination had nothing of the prompt cached)."""
+    return complete(served.client(served.engines["i1"]["url"]), served.model, prompt, n, False)
+
+
+def all_idle(served: Served) -> None:
+    """Every instance ends with no request and every KV block free: nothing leaked."""
+    for iid in served.engines:
+        with served.llumlet(iid) as llumlet:
+            idle(llumlet)
+
+
+def test_a_stream_migrated_live_equals_the_unmigrated_one(served: Served) -> None:
+    n = MIGRATED_TOKENS
+    for point in (1, 150):  # after the first token; mid-decode
+        prompt = fresh_prompt(point)
+        s = Stream(served, prompt, n)
+        try:
+            s.read_until(point)
+            dst = other(s.instance)
+            loaded = counter(served.engines[dst]["url"], EXTERNAL_METRIC)
+            join = migrating(served, s.request_id, dst)
+            s.read_until(n + 1)
+            summary = join()
+        finally:
+            s.close()
+        assert summary["state"] == "done", summary
+        assert summary["stages"] >= 1 and summary["copied_tokens"] >= 9 * 32, summary
+        assert summary["downtime_s"] is not None and summary["downtime_s"] < 30
+        # The KV reached the destination through its connector, not by recompute.
+        assert counter(served.engines[dst]["url"], EXTERNAL_METRIC) - loaded >= 9 * 32, summary
+        assert s.finish == "length" and s.done
+        assert s.usage is not None and s.usage["prompt_tokens"] == len(prompt)
+        assert s.usage["completion_tokens"] == n and s.usage["total_tokens"] == n + 297
+        assert len({e["id"] for e in s.events}) == 1, "the stream's id changed at the splice"
+        assert live_requests(served) == []
+        assert s.ids == unmigrated(served, prompt), (point, summary)
+    all_idle(served)
+
+
+def live_requests(served: Served) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(served.url + "/v1/llumnix/requests", timeout=10) as resp:
+        return list(json.loads(resp.read()))
+
+
+def test_a_stream_migrated_twice_ends_where_it_started(served: Served) -> None:
+    prompt = fresh_prompt(2)
+    s = Stream(served, prompt, MIGRATED_TOKENS)
+    try:
+        s.read_until(10)
+        first = migrating(served, s.request_id, other(s.instance))()
+        second = migrating(served, s.request_id, s.instance)()  # back where it started
+        s.read_until(MIGRATED_TOKENS + 1)
+    finally:
+        s.close()
+    assert (first["state"], second["state"]) == ("done", "done"), (first, second)
+    assert s.ids == unmigrated(served, prompt)
+    all_idle(served)
+
+
+def test_a_migration_the_request_outruns_or_the_client_leaves_is_cancelled(
     served: Served,
 ) -> None:
-    gateway = served.client()
+    # Started a few tokens before the end: the stream ends on the source, whole.
+    prompt = fresh_prompt(3)
+    s = Stream(served, prompt, MIGRATED_TOKENS)
+    try:
+        s.read_until(1)
+        deadline = time.monotonic() + 60
+        while (seen := live_requests(served)) and seen[0]["output_tokens"] < MIGRATED_TOKENS - 8:
+            assert time.monotonic() < deadline, seen
+        body = json.dumps({"request_id": s.request_id, "destination": other(s.instance)})
+        status, answer = post(served.url + "/v1/llumnix/migrate", body.encode())
+        s.read_until(MIGRATED_TOKENS + 1)
+    finally:
+        s.close()
+    assert s.ids == unmigrated(served, prompt) and s.done
+    # Too late to start (404/409), or started and then outrun (cancelled), or fast enough.
+    assert status in (404, 409) or answer["state"] in ("cancelled", "done"), answer
+    # The client leaves while its request is being migrated.
+    s = Stream(served, fresh_prompt(4), MIGRATED_TOKENS)
+    s.read_until(5)
+    where = s.instance
+    for _ in range(5):  # a migration that ends before the client could leave: again
+        where = other(where)
+        join = migrating(served, s.request_id, where)
+        while not join.done() and not any(r["migrating"] for r in live_requests(served)):
+            time.sleep(0.001)
+        if not join.done():
+            break
+    s.close()
+    assert join()["state"] in ("cancelled", "done")
+    all_idle(served)
+
+
+def test_migration_requests_that_cannot_start_get_a_clear_status(served: Served) -> None:
+    body = json.dumps({"request_id": "llx-0000000000000000", "destination": "i1"}).encode()
+    status, err = post(served.url + "/v1/llumnix/migrate", body)
+    assert status == 404 and "no migratable stream" in err["error"]["message"]
+    s = Stream(served, fresh_prompt(5), MIGRATED_TOKENS)
+    try:
+        s.read_until(3)
+        for dst in (s.instance, "nowhere"):
+            body = json.dumps({"request_id": s.request_id, "destination": dst}).encode()
+            status, err = post(served.url + "/v1/llumnix/migrate", body)
+            assert status == 400, err
+        join = migrating(served, s.request_id, other(s.instance))
+        deadline = time.monotonic() + 30
+        while not live_requests(served)[0]["migrating"]:
+            assert time.monotonic() < deadline
+        # A second migration of the same request while one runs is refused.
+        body = json.dumps({"request_id": s.request_id, "destination": other(s.instance)})
+        status, err = post(served.url + "/v1/llumnix/migrate", body.encode())
+        assert status == 409 and "already being migrated" in err["error"]["message"], err
+        assert join()["state"] == "done"
+        s.read_until(MIGRATED_TOKENS + 1)
+    finally:
+        s.close()
+    status, _ = post(served.url + "/v1/llumnix/migrate", b"{}")
+    assert status == 400
+
+
+def test_a_killed_instance_new_requests_go_elsewhere_and_its_streams_continue(
+    served: Served,
+) -> None:
+    prompt, n = [4, 5, 6], 300
+    want = complete(served.client(served.engines["i1"]["url"]), served.model, prompt, n, False)
+    resumed = metric(served.url, "llumnix_gateway_resumed_total")
     streams = []
     # Open streams until one runs on i0, then kill i0's whole process tree.
     for _ in range(6):
-        s = gateway.completions.with_raw_response.create(
-            model=served.model, prompt=[4, 5, 6], max_tokens=900, stream=True,
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        streams.append(s)
-        if s.headers.get("X-Llumnix-Instance") == "i0":
+        streams.append(Stream(served, prompt, n))
+        if streams[-1].instance == "i0":
             break
-    on_i0 = [s for s in streams if s.headers.get("X-Llumnix-Instance") == "i0"]
+    on_i0 = [s for s in streams if s.instance == "i0"]
     assert on_i0, "no stream landed on i0"
+    on_i0[0].read_until(5)
     victim = psutil.Process(served.engines["i0"]["pid"])
     for p in [victim, *victim.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    began = time.monotonic()
-    body = b"".join(on_i0[0].http_response.iter_bytes())
-    assert time.monotonic() - began < 60
-    assert b'"error"' in body and b"failed mid-stream" in body
+    # Its stream goes on where the client was, on i1 (recomputed there): nothing lost.
+    on_i0[0].read_until(n + 1)
+    assert on_i0[0].ids == want and on_i0[0].done
+    assert metric(served.url, "llumnix_gateway_resumed_total") > resumed
     for s in streams:
-        s.http_response.close()
+        s.close()
     # Not-yet-started requests: every one succeeds, on i1.
+    gateway = served.client()
     placed = Counter()
     for _ in range(8):
         raw = gateway.completions.with_raw_response.create(

@@ -9,7 +9,6 @@ equal a plain engine's own. A request the prefill rejects gets vLLM's own status
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +24,15 @@ except Exception as exc:  # a broken install raises more than ImportError
 
 from llumnix.metastore import open_meta_store
 from tests.e2e.test_pd_proxy import EXTERNAL_METRIC, PUSHES_METRIC
-from tests.e2e.test_serve import Served, complete, gateway_in_thread, launch, post, record
+from tests.e2e.test_serve import (
+    Served,
+    complete,
+    counter,
+    gateway_in_thread,
+    launch,
+    post,
+    record,
+)
 
 BLOCK = 32
 LENGTHS = (40, 64, 100)  # across block boundaries
@@ -41,12 +48,6 @@ def prompt(seed: int, n: int) -> list[int]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with launch(tmp_path_factory, ["--pd", "1:1", "--pd-mode", "pull"], {"p0", "d1"}) as s:
         yield s
-
-
-def counter(url: str, pattern: re.Pattern[str]) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        match = pattern.search(resp.read().decode())
-    return float(match.group(1)) if match else 0.0
 
 
 def through(served: Served, url: str, seed: int) -> None:
