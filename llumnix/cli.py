@@ -150,12 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sim_parser(sub)
     serve.add_parser(sub)
+    serve.add_drain_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     if args.command == "sim":
         return cmd_sim(args)
     if args.command == "serve":
         return serve.cmd_serve(args)
+    if args.command == "drain":
+        return serve.cmd_drain(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

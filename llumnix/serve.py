@@ -10,6 +10,12 @@ nothing is left running. With ``--pd P:D`` the first P instances are prefill ins
 other D decode instances (their llumlets say so); the gateway splits every request between
 the two pools (``--pd-mode pull|push``). With ``--ray [ADDRESS]`` the engines are Ray actors
 in placement groups on an existing Ray cluster instead (:mod:`llumnix.serve_ray`).
+
+With ``--migration`` the gateway relays streams token by token, so they can be live-migrated
+(``POST /v1/llumnix/migrate``) and continue elsewhere when their engine dies; with
+``--reschedule`` (implies ``--migration``) the rescheduler migrates them by itself (load
+balance, de-fragmentation, priority headroom, drain). ``llumnix drain INSTANCE`` retires an
+instance: no new work, its streams migrated away, the rest finished, then its engine stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from llumnix.gateway import Gateway, GatewayConfig, serve
+from llumnix.gateway.rescheduling import ReschedulingConfig
 from llumnix.launch import Engine, parse_pd, start_engines
 from llumnix.llumlet import LlumletClient
 from llumnix.metastore import InstanceRecord, MetaStore, MetaStoreError, open_meta_store
@@ -79,9 +86,21 @@ async def run(args: argparse.Namespace, engines: list[Engine], store: MetaStore)
             port=args.port,
             policy=args.policy,
             pd_mode=args.pd_mode,
-            migration=args.migration,
+            migration=args.migration or args.reschedule,
+            rescheduling=ReschedulingConfig() if args.reschedule else None,
         ),
     )
+    by_id = {e.instance_id: e for e in engines}
+    stopped: set[str] = set()
+
+    async def stop_instance(iid: str) -> None:  # drained: nothing is lost by stopping it
+        stopped.add(iid)
+        with contextlib.suppress(MetaStoreError):
+            store.deregister(iid)
+        await asyncio.to_thread(by_id[iid].stop)
+        print(f"instance {iid} drained and stopped", flush=True)
+
+    gateway.stop_instance = stop_instance
     runner = await serve(gateway)
     for e in engines:
         r = records[e.instance_id]
@@ -106,6 +125,8 @@ async def run(args: argparse.Namespace, engines: list[Engine], store: MetaStore)
     try:
         while not stop.is_set():
             for e in engines:
+                if e.instance_id in stopped:
+                    continue
                 try:
                     if e.alive():
                         store.register(records[e.instance_id], REGISTRATION_TTL_S)
@@ -146,6 +167,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="relay streams token by token so they can be live-migrated "
         "(POST /v1/llumnix/migrate) and resumed elsewhere when their instance fails",
+    )
+    p.add_argument(
+        "--reschedule",
+        action="store_true",
+        help="let the rescheduler live-migrate streams (load balance, de-fragmentation, "
+        "priority headroom, drain); implies --migration",
     )
     p.add_argument("--meta-store", default="memory", help="memory or redis://host:port/db")
     p.add_argument("--host", default="127.0.0.1")
@@ -275,6 +302,18 @@ class ServeProcess:
             )
         raise TimeoutError(f"llumnix serve did not start serving in {deadline_s} s:\n{tail}")
 
+    def more_output(self) -> str:
+        """What it printed since :meth:`wait_serving` (or the last call), without waiting."""
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+        return "".join(self.output)
+
     def stop(self, timeout: float = 60.0) -> int | None:
         """Its exit code, or None when it had to be killed."""
         if self.proc.poll() is None:
@@ -286,3 +325,41 @@ class ServeProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
             return None
+
+
+def add_drain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "drain",
+        help="retire an instance of llumnix serve: its streams migrated away, then stopped",
+    )
+    p.add_argument("instance", help="instance id, e.g. i1")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
+    p.add_argument("--keep", action="store_true", help="drain it but do not stop its engine")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it")
+    p.add_argument("--api-key", default=os.environ.get("LLUMNIX_API_KEY", ""))
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = {"instance": args.instance, "stop": not args.keep, "timeout_s": args.timeout}
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    req = urllib.request.Request(
+        args.url.rstrip("/") + "/v1/llumnix/drain", json.dumps(body).encode(), headers
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout + 30) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        print(f"drain failed: HTTP {err.code}: {err.read().decode(errors='replace')}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except OSError as exc:
+        print(f"drain failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer))
+    return 0

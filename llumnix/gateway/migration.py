@@ -119,6 +119,7 @@ class Migration:
 
     source: str
     destination: str
+    max_stages: int = 3
     started: float = field(default_factory=time.monotonic)
     state: str = "pending"  # pending, copying, committing, then an Outcome value
     stages: int = 0
@@ -126,6 +127,8 @@ class Migration:
     downtime_s: float | None = None
     cut_token_at: float = 0.0
     """When the client got the source's last token."""
+    cut_after_tokens: int | None = None
+    """Output tokens the client had from the source at the cut."""
     reason: str = ""
     cut: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by the coordinator: the relay switches to the destination after its next event."""
@@ -142,6 +145,7 @@ class Migration:
             "stages": self.stages,
             "copied_tokens": self.copied_tokens,
             "downtime_s": self.downtime_s,
+            "cut_after_tokens": self.cut_after_tokens,
             "total_s": time.monotonic() - self.started,
             "reason": self.reason,
         }
@@ -166,6 +170,12 @@ class LiveRequest:
     last_token_at: float = 0.0
     migration: Migration | None = None
     migrations: int = 0
+    admitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def priority(self) -> int:
+        p = self.body.get("priority", 0)
+        return p if isinstance(p, int) else 0
 
     @property
     def wants_token_ids(self) -> bool:

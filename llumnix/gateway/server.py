@@ -42,6 +42,7 @@ it (``kv_load_failure_policy: recompute``), so nothing waits without a deadline.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -70,6 +71,8 @@ from llumnix.gateway.migration import (
     stage_prompt,
     why_not_migratable,
 )
+from llumnix.gateway.rescheduling import GatewayRescheduler, ReschedulingConfig
+from llumnix.llumlet import LlumletClient
 from llumnix.llumlet import llumlet_pb2 as pb
 from llumnix.llumlet.status import to_instance_status
 from llumnix.metastore import InstanceRecord, MetaStore, MetaStoreError
@@ -124,6 +127,9 @@ class GatewayConfig:
     """Cut over once at most this many full blocks were added since the last stage."""
     migration_stage_timeout_s: float = 30.0
     migration_timeout_s: float = 120.0
+    rescheduling: ReschedulingConfig | None = None
+    """With ``migration``: the rescheduler's pairs become live migrations
+    (:mod:`llumnix.gateway.rescheduling`); None: migrations only when asked for."""
 
     def __post_init__(self) -> None:
         if self.pd_mode not in PD_MODES:
@@ -194,6 +200,11 @@ class Gateway:
         self._zmq = zmq.asyncio.Context()
         self._open = 0
         self.live: dict[str, LiveRequest] = {}  # migratable streams being relayed
+        self.moved_from: collections.Counter[str] = collections.Counter()  # migrations done
+        self.rescheduler: GatewayRescheduler | None = None
+        self._rescheduling: asyncio.Task[None] | None = None
+        self.stop_instance: Callable[[str], Awaitable[None]] | None = None
+        """Stops an instance's engine (set by ``llumnix serve``): ``drain`` with ``stop``."""
         reg = self.metrics_registry = CollectorRegistry()
         self.m_requests = Counter(
             "llumnix_gateway_requests", "Requests by outcome", ["outcome"], registry=reg
@@ -252,10 +263,17 @@ class Gateway:
         )
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_loop())
+        if self.config.migration and self.config.rescheduling is not None:
+            self.rescheduler = GatewayRescheduler(self, self.config.rescheduling)
+            self._rescheduling = asyncio.create_task(self.rescheduler.run())
 
     async def close(self, app: web.Application) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self._rescheduling is not None:
+            self._rescheduling.cancel()
+        if self.rescheduler is not None:
+            await self.rescheduler.close()
         for task in self._feeds.values():
             task.cancel()
         await asyncio.gather(*self._feeds.values(), return_exceptions=True)
@@ -376,6 +394,11 @@ class Gateway:
         )
         scheduler.on_status(status)
         self._down.discard(instance_id)
+
+    def is_down(self, instance_id: str) -> bool:
+        """Whether the instance is known to be down (silent and failing its health check, or
+        it failed a request) until it reports again."""
+        return instance_id in self._down
 
     def _suspect(self, instance_id: str) -> None:
         """The instance may be down: no new work until it reports again."""
@@ -741,6 +764,7 @@ class Gateway:
                     raise _Upstream("the stream ended before its first event")
                 resumed = await self._resume(live, outcome)
                 if resumed is None:
+                    self._settle(live, Outcome.FAILED, "no instance could continue the request")
                     event = error_body(
                         502, f"no instance could continue the request after {live.instance}",
                         "upstream_error",
@@ -818,6 +842,7 @@ class Gateway:
             mig.downtime_s = time.monotonic() - mig.cut_token_at
             self.m_downtime.observe(mig.downtime_s)
             live.migrations += 1
+            self.moved_from[mig.source] += 1
             self._settle(live, Outcome.DONE, "")
         else:
             self._settle(live, Outcome.ROLLED_BACK, mig.reason or "the destination failed")
@@ -841,6 +866,7 @@ class Gateway:
         if why == "cut":
             assert mig is not None
             mig.cut_token_at = live.last_token_at
+            mig.cut_after_tokens = len(live.output_ids)
             preferred = [mig.destination, failed]
         else:
             self.m_errors.labels("upstream_mid_stream").inc()
@@ -886,10 +912,17 @@ class Gateway:
 
     # ------------------------------------------------------------------ migration
 
-    async def migrate(self, request_id: str, destination: str) -> dict[str, Any]:
+    async def migrate(
+        self, request_id: str, destination: str, max_stages: int | None = None
+    ) -> dict[str, Any]:
         """Live-migrates a relayed stream to ``destination``; returns the migration's summary
         once it is done, rolled back or cancelled. Raises :class:`MigrationError` when it
-        cannot start."""
+        cannot start. ``max_stages`` (at most the configured number) bounds the pre-copy
+        stages; 0 moves no KV: the destination recomputes (the abort-and-recompute
+        baseline)."""
+        limit = self.config.migration_max_stages
+        if max_stages is not None and not 0 <= max_stages <= limit:
+            raise MigrationError(400, f"max_stages must be within 0..{limit}")
         live = self.live.get(request_id)
         if live is None:
             raise MigrationError(404, f"no migratable stream {request_id!r} in progress")
@@ -904,7 +937,8 @@ class Gateway:
             raise MigrationError(400, f"{request_id} already runs on {destination}")
         if record.role != "neutral" or self.records[live.instance].role != "neutral":
             raise MigrationError(400, "only requests between neutral instances migrate")
-        mig = Migration(live.instance, destination)
+        mig = Migration(live.instance, destination, max_stages=limit if max_stages is None
+                        else max_stages)  # fmt: skip
         mig.result = asyncio.get_running_loop().create_future()
         live.migration = mig
         try:
@@ -918,7 +952,7 @@ class Gateway:
         mig.state = "copying"
         block = self.records[mig.source].block_size
         copied = 0
-        for _ in range(self.config.migration_max_stages):
+        for _ in range(mig.max_stages):
             prompt = stage_prompt(live, block)
             if prompt is None or (len(prompt) - 1 - copied) // block <= (
                 self.config.migration_last_stage_blocks
@@ -964,20 +998,90 @@ class Gateway:
                                  {**one, "kv_transfer_params": handoff}, rid)  # fmt: skip
 
     async def migrate_endpoint(self, request: web.Request) -> web.Response:
-        """``POST /v1/llumnix/migrate {"request_id": ..., "destination": ...}``."""
+        """``POST /v1/llumnix/migrate {"request_id": ..., "destination": ...}`` (optional
+        ``max_stages``)."""
         if not self._authorized(request):
             return error_response(401, "missing or wrong API key", "AuthenticationError")
         try:
             body = await request.json()
             rid, dst = str(body["request_id"]), str(body["destination"])
+            stages = body.get("max_stages")
+            if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int)):
+                raise TypeError(f"max_stages must be an integer, not {stages!r}")
         except (ValueError, KeyError, TypeError) as exc:
             return error_response(
-                400, f"expected {{request_id, destination}}: {exc}", "BadRequestError"
-            )
+                400, f"expected {{request_id, destination[, max_stages]}}: {exc}",
+                "BadRequestError",
+            )  # fmt: skip
         try:
-            return web.json_response(await self.migrate(rid, dst))
+            return web.json_response(await self.migrate(rid, dst, stages))
         except MigrationError as exc:
             return error_response(exc.status, str(exc), "MigrationError")
+
+    async def drain(self, instance_id: str, stop: bool, timeout_s: float) -> dict[str, Any]:
+        """Retires an instance: its llumlet reports it draining (no new work), the
+        rescheduler's drain policy live-migrates its streams away, the rest finish where they
+        are; once it holds no request, ``stop`` stops its engine. Raises
+        :class:`MigrationError` when it cannot start."""
+        record = self.records.get(instance_id)
+        if record is None:
+            raise MigrationError(404, f"no instance {instance_id!r}")
+        if not record.llumlet:
+            raise MigrationError(400, f"instance {instance_id} has no llumlet to drain it")
+        if stop and self.stop_instance is None:
+            raise MigrationError(400, "this gateway cannot stop instances (not llumnix serve)")
+
+        def call() -> None:
+            with LlumletClient(record.llumlet, timeout=5.0) as llumlet:
+                llumlet.drain(True)
+
+        try:
+            await asyncio.to_thread(call)
+        except Exception as exc:  # grpc.RpcError and connection errors
+            raise MigrationError(
+                502, f"the llumlet of {instance_id} did not answer: {exc}"
+            ) from exc
+        began, moved = time.monotonic(), self.moved_from[instance_id]
+        view = self.scheduler_of(instance_id).view
+        while True:
+            s = view.statuses.get(instance_id)
+            on_it = [r for r in self.live.values() if r.instance == instance_id]
+            if s is not None and s.draining and not s.num_requests and not on_it:
+                break
+            if time.monotonic() - began > timeout_s:
+                raise MigrationError(
+                    504,
+                    f"{instance_id} still holds {s.num_requests if s else '?'} requests after "
+                    f"{timeout_s:g} s (it stays draining)",
+                )
+            await asyncio.sleep(0.05)
+        if stop:
+            assert self.stop_instance is not None
+            await self.stop_instance(instance_id)
+        return {
+            "instance": instance_id,
+            "migrated": self.moved_from[instance_id] - moved,
+            "waited_s": time.monotonic() - began,
+            "stopped": stop,
+        }
+
+    async def drain_endpoint(self, request: web.Request) -> web.Response:
+        """``POST /v1/llumnix/drain {"instance": ..., "stop": true, "timeout_s": 600}``."""
+        if not self._authorized(request):
+            return error_response(401, "missing or wrong API key", "AuthenticationError")
+        try:
+            body = await request.json()
+            iid = str(body["instance"])
+            stop = bool(body.get("stop", True))
+            timeout_s = float(body.get("timeout_s", 600.0))
+        except (ValueError, KeyError, TypeError) as exc:
+            return error_response(
+                400, f"expected {{instance[, stop, timeout_s]}}: {exc}", "BadRequestError"
+            )
+        try:
+            return web.json_response(await self.drain(iid, stop, timeout_s))
+        except MigrationError as exc:
+            return error_response(exc.status, str(exc), "DrainError")
 
     async def live_requests(self, request: web.Request) -> web.Response:
         """``GET /v1/llumnix/requests``: the migratable streams being relayed."""
@@ -1040,6 +1144,7 @@ def build_app(gateway: Gateway) -> web.Application:
         ("GET", "/metrics", gateway.metrics),
         ("POST", "/v1/llumnix/migrate", gateway.migrate_endpoint),
         ("GET", "/v1/llumnix/requests", gateway.live_requests),
+        ("POST", "/v1/llumnix/drain", gateway.drain_endpoint),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

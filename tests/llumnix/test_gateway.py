@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -141,3 +142,34 @@ def test_a_silent_instance_that_fails_its_health_check_gets_no_work(
     while placed(url, 1) != {"idle": 1}:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def post_json(url: str, body: bytes) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_migrate_and_drain_requests_that_cannot_start_get_typed_errors(
+    two: tuple[str, FakeInstance, FakeInstance],
+) -> None:
+    url = two[0]
+    cases = [
+        ("/v1/llumnix/migrate", b"{not json", 400),
+        ("/v1/llumnix/migrate", b'{"request_id": "llx-1"}', 400),
+        ("/v1/llumnix/migrate", b'{"request_id": "llx-1", "destination": "idle"}', 404),
+        ("/v1/llumnix/migrate",
+         b'{"request_id": "llx-1", "destination": "idle", "max_stages": "x"}', 400),
+        ("/v1/llumnix/drain", b'{"instance": "nowhere"}', 404),
+        ("/v1/llumnix/drain", b'{"instance": "idle"}', 400),  # no llumlet to drain it
+    ]  # fmt: skip
+    for path, body, want in cases:
+        status, answer = post_json(url + path, body)
+        assert status == want, (path, body, answer)
+        error = answer["error"]
+        assert isinstance(error, dict) and error["message"], answer
+    with urllib.request.urlopen(url + "/v1/llumnix/requests", timeout=10) as resp:
+        assert json.loads(resp.read()) == []
