@@ -7,8 +7,8 @@ disconnects aborts its request and the llumlet shows its blocks back; bad JSON, 
 model and a too long prompt get the status vLLM gives; a stream live-migrated to the other
 instance (once, twice, or outrun by its own end) equals the unmigrated answer token for token,
 with the KV moved through the connector and every block back afterwards; a SIGKILLed
-instance's new requests go elsewhere and a stream it was serving continues on the survivor;
-Ctrl-C stops everything. The gateway runs with ``--migration``."""
+instance's new requests go elsewhere, a stream it was serving continues on the survivor, and
+a migration to it rolls back; Ctrl-C stops everything. The gateway runs with ``--migration``."""
 
 from __future__ import annotations
 
@@ -535,27 +535,40 @@ def test_migration_requests_that_cannot_start_get_a_clear_status(served: Served)
 def test_a_killed_instance_new_requests_go_elsewhere_and_its_streams_continue(
     served: Served,
 ) -> None:
-    prompt, n = [4, 5, 6], 300
-    want = complete(served.client(served.engines["i1"]["url"]), served.model, prompt, n, False)
+    n = 300
     resumed = metric(served.url, "llumnix_gateway_resumed_total")
-    streams = []
-    # Open streams until one runs on i0, then kill i0's whole process tree.
-    for _ in range(6):
-        streams.append(Stream(served, prompt, n))
-        if streams[-1].instance == "i0":
+    streams: dict[str, tuple[Stream, list[int]]] = {}
+    opened = []
+    # One stream on each instance.
+    for k in range(8):
+        prompt = fresh_prompt(900 + k, 40)
+        s = Stream(served, prompt, n)
+        opened.append(s)
+        streams.setdefault(s.instance, (s, prompt))
+        if len(streams) == 2:
             break
-    on_i0 = [s for s in streams if s.instance == "i0"]
-    assert on_i0, "no stream landed on i0"
-    on_i0[0].read_until(5)
+    assert set(streams) == {"i0", "i1"}, "the streams did not spread over both instances"
+    on_i0, on_i1 = streams["i0"][0], streams["i1"][0]
+    on_i0.read_until(5)
+    on_i1.read_until(5)
+    # i1's stream is being migrated to i0 when i0's whole process tree is killed.
+    moving = migrating(served, on_i1.request_id, "i0")
+    deadline = time.monotonic() + 30
+    while not moving.done() and not any(r["migrating"] for r in live_requests(served)):
+        assert time.monotonic() < deadline
     victim = psutil.Process(served.engines["i0"]["pid"])
     for p in [victim, *victim.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    # Its stream goes on where the client was, on i1 (recomputed there): nothing lost.
-    on_i0[0].read_until(n + 1)
-    assert on_i0[0].ids == want and on_i0[0].done
+    # Both streams go on where the client was, on i1: the killed source's recomputed there,
+    # the migration rolled back (or, if it had committed, resumed from i0 back on i1).
+    on_i0.read_until(n + 1)
+    on_i1.read_until(n + 1)
+    assert moving()["state"] in ("rolled_back", "done")
+    for s, prompt in streams.values():
+        assert s.done and s.ids == unmigrated(served, prompt, n)
     assert metric(served.url, "llumnix_gateway_resumed_total") > resumed
-    for s in streams:
+    for s in opened:
         s.close()
     # Not-yet-started requests: every one succeeds, on i1.
     gateway = served.client()
