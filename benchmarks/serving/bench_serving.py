@@ -7,7 +7,9 @@ Llumnix policy, and a second gateway in this process, over the same engines and 
 llumlet reports, runs round-robin. For each request rate of the sweep, ``vllm bench serve``
 (random lengths, Gamma arrivals with ``--burstiness``) runs against each gateway in turn; the
 table has TTFT and TPOT mean/p99, throughput, and the preemptions each engine counted during
-the run (``vllm:num_preemptions_total``).
+the run (``vllm:num_preemptions_total``). With ``--migration`` a third gateway over the same
+engines adds live migration driven by the rescheduler (``llumnix+migration``; its migrations
+by outcome are in the JSON).
 
 Run: ``python benchmarks/serving/bench_serving.py --json serving.json --png serving.png``
 (``--quick`` for a one-rate smoke run).
@@ -106,8 +108,9 @@ def cluster(
 
 
 @contextlib.contextmanager
-def round_robin_gateway(engines: list[dict[str, Any]]) -> Iterator[str]:
-    """A second gateway, round-robin, over the same engines, in a thread of this process."""
+def gateway_over(engines: list[dict[str, Any]], **config: Any) -> Iterator[str]:
+    """Another gateway (``GatewayConfig(**config)``) over the same engines, in a thread of
+    this process."""
     from llumnix.gateway import Gateway, GatewayConfig, serve_in_thread
     from llumnix.metastore import InstanceRecord, open_meta_store
 
@@ -120,9 +123,17 @@ def round_robin_gateway(engines: list[dict[str, Any]]) -> Iterator[str]:
             ),
             3600,
         )  # fmt: skip
-    gateway = Gateway(store, GatewayConfig(port=free_port(), policy="round_robin"))
+    gateway = Gateway(store, GatewayConfig(port=free_port(), **config))
     with serve_in_thread(gateway) as url:
         yield url
+
+
+def migrations(url: str) -> dict[str, float]:
+    """The gateway's live migrations so far, by outcome."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.findall(r'^llumnix_gateway_migrations_total\{outcome="(\w+)"\} (\S+)$', text, re.M)
+    return {k: float(v) for k, v in found}
 
 
 def preemptions(engines: list[dict[str, Any]]) -> dict[str, float]:
@@ -197,7 +208,7 @@ def run_one(
     row["preemptions"] = {i: after[i] - before[i] for i in after}
     row["status_age"] = age_summary(ages, status_ages(url))
     print(
-        f"{policy:<12} rate {rate:>5.1f}: completed {row['completed']}, "
+        f"{policy:<18} rate {rate:>5.1f}: completed {row['completed']}, "
         f"TTFT mean {row['mean_ttft_ms']:.1f} p99 {row['p99_ttft_ms']:.1f} ms, "
         f"TPOT mean {row['mean_tpot_ms']:.1f} p99 {row['p99_tpot_ms']:.1f} ms, "
         f"{row['request_throughput']:.2f} req/s, preemptions {row['preemptions']}, "
@@ -244,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         help="KV blocks (of 32 tokens) per engine, small so that load shows (0: vLLM's own)",
     )
     ap.add_argument("--run-timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--migration",
+        action="store_true",
+        help="also a gateway with live migration driven by the rescheduler (llumnix+migration)",
+    )
     ap.add_argument("--quick", action="store_true", help="2 engines, one rate, 20 prompts")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -254,18 +270,32 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llumnix-bench-serving-"))
     model = write_model(work / "model")
     rows: list[dict[str, Any]] = []
-    with (
-        cluster(model, args.instances, work / "logs", args.kv_blocks) as (llumnix_url, engines),
-        round_robin_gateway(engines) as rr_url,
-    ):
+    with contextlib.ExitStack() as stack:
+        llumnix_url, engines = stack.enter_context(
+            cluster(model, args.instances, work / "logs", args.kv_blocks)
+        )
+        gateways = [
+            ("round_robin", stack.enter_context(gateway_over(engines, policy="round_robin"))),
+            ("llumnix", llumnix_url),
+        ]
+        if args.migration:
+            from llumnix.gateway.rescheduling import ReschedulingConfig
+
+            moving = gateway_over(
+                engines, policy="llumnix", migration=True, rescheduling=ReschedulingConfig()
+            )
+            url = stack.enter_context(moving)
+            gateways.append(("llumnix+migration", url))
         for rate in (float(r) for r in args.rates.split(",")):
-            for policy, url in (("round_robin", rr_url), ("llumnix", llumnix_url)):
+            for policy, url in gateways:
                 rows.append(run_one(policy, url, rate, model, engines, args, work))
-    head = f"{'policy':<12}{'rate':>6}{'done':>6}{'TTFT mean':>11}{'TTFT p99':>10}"
+                if policy == "llumnix+migration":
+                    rows[-1]["migrations"] = migrations(url)
+    head = f"{'policy':<18}{'rate':>6}{'done':>6}{'TTFT mean':>11}{'TTFT p99':>10}"
     print(head + f"{'TPOT mean':>11}{'TPOT p99':>10}{'req/s':>8}{'preempt':>9}")
     for r in rows:
         print(
-            f"{r['policy']:<12}{r['rate']:>6.1f}{r['completed']:>6}{r['mean_ttft_ms']:>11.1f}"
+            f"{r['policy']:<18}{r['rate']:>6.1f}{r['completed']:>6}{r['mean_ttft_ms']:>11.1f}"
             f"{r['p99_ttft_ms']:>10.1f}{r['mean_tpot_ms']:>11.1f}{r['p99_tpot_ms']:>10.1f}"
             f"{r['request_throughput']:>8.2f}{sum(r['preemptions'].values()):>9.0f}"
         )
