@@ -48,6 +48,7 @@ import asyncio
 import enum
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +305,21 @@ def stage_prompt(live: LiveRequest, block_size: int) -> list[int] | None:
     if k <= 0:
         return None
     return tokens[: k * block_size + 1]
+
+
+async def sse_lines(content: AsyncIterator[bytes] | Any) -> AsyncIterator[bytes]:
+    """The complete lines of an upstream body, without their newline, however long (a first
+    event carries the prompt's token ids: hundreds of KiB for a long prompt, more than
+    aiohttp's line reader takes). A last line without its newline is dropped."""
+    chunks = content.iter_any() if hasattr(content, "iter_any") else content
+    buf = bytearray()
+    async for data in chunks:
+        buf += data
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            yield bytes(buf[start:end])
+            start = end + 1
+        del buf[:start]
 
 
 def sse(chunk: dict[str, Any]) -> bytes:

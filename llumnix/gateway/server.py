@@ -68,6 +68,7 @@ from llumnix.gateway.migration import (
     MigrationError,
     Outcome,
     sse,
+    sse_lines,
     stage_prompt,
     why_not_migratable,
 )
@@ -804,9 +805,7 @@ class Gateway:
         migration asked to switch (right after a token event), ``broken`` when the stream
         failed or ended early."""
         try:
-            async for line in upstream.content:
-                if not line.endswith(b"\n"):
-                    return "broken"  # a partial event: never relayed
+            async for line in sse_lines(upstream.content):
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue
@@ -833,7 +832,7 @@ class Gateway:
                     return "cut"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             logger.warning("%s: stream from %s broke: %s", live.request_id, live.instance, exc)
-        return "broken"
+        return "broken"  # ended early; a partial last line is never relayed
 
     def _commit(self, live: LiveRequest, mig: Migration) -> None:
         """The first event after a cut was relayed: done if it came from the destination,

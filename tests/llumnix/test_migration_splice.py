@@ -5,11 +5,13 @@ asked), the continuation request, the stage prompts, and which requests can move
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from llumnix.gateway.migration import LiveRequest, stage_prompt, why_not_migratable
+from llumnix.gateway.migration import LiveRequest, sse_lines, stage_prompt, why_not_migratable
 
 
 def completion_chunk(
@@ -137,3 +139,17 @@ def test_plain_greedy_and_seeded_streams_can_migrate() -> None:
                   {"presence_penalty": 0.0, "repetition_penalty": 1.0}):  # fmt: skip
         assert why_not_migratable({"prompt": [1], "stream": True, **extra}, chat=False) is None
     assert why_not_migratable({"messages": [], "stream": True}, chat=True) is None
+
+
+def test_event_lines_of_any_length_are_read_whole_and_a_partial_last_one_is_dropped() -> None:
+    big = b"data: " + b"7," * 300_000  # a first event of a very long prompt: 600 KB
+    body = big + b"\n\ndata: [DONE]\n\ndata: {partial"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 4096):
+            yield body[i : i + 4096]
+
+    async def read() -> list[bytes]:
+        return [line async for line in sse_lines(chunks())]
+
+    assert asyncio.run(read()) == [big, b"", b"data: [DONE]", b""]
