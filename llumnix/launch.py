@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -26,6 +27,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def service_port(host: str = "127.0.0.1") -> int:
+    """A free port below the OS's ephemeral range, for a server that binds it later. A port
+    from :func:`free_port` may be handed to any process that binds port 0 or connects in
+    between (an engine's own ZMQ sockets did, during the minute it takes to start); the OS
+    never hands out ports outside the ephemeral range by itself."""
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
 
 
 class Engine(Protocol):
@@ -172,7 +199,7 @@ def launch_engine(
     args: argparse.Namespace, iid: str, role: str, host: str, logs: Path, env: dict[str, str]
 ) -> EngineProcess:
     """Starts one vLLM server with its llumlet on ``host`` (ports chosen free there)."""
-    port, llumlet_port, report_port = free_port(host), free_port(host), free_port(host)
+    port, llumlet_port, report_port = service_port(host), service_port(host), service_port(host)
     log = logs / f"{iid}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
