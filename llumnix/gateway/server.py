@@ -666,28 +666,10 @@ class Gateway:
     async def _forward(
         self, request: web.Request, target: str, path: str, body: dict[str, Any], rid: str
     ) -> web.StreamResponse:
-        assert self._session is not None
-        url = self.records[target].url + path
-        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
-        try:
-            upstream = await self._session.post(url, json=body, headers=headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise _Upstream(f"{type(exc).__name__}: {exc}") from exc
+        upstream = await self._post(target, path, body, rid)
         async with upstream:
             if upstream.status != 200 or not body.get("stream"):
-                try:
-                    data = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    raise _Upstream(f"{type(exc).__name__} reading the answer: {exc}") from exc
-                return web.Response(
-                    status=upstream.status,
-                    body=data,
-                    headers={
-                        "Content-Type": upstream.headers.get("Content-Type", "application/json"),
-                        "X-Request-Id": rid,
-                        "X-Llumnix-Instance": target,
-                    },
-                )
+                return await self._whole_answer(upstream, target, rid)
             response = web.StreamResponse(
                 status=200,
                 headers={
@@ -737,16 +719,7 @@ class Gateway:
         upstream = await self._post(target, path, live.upstream_body(), rid)
         if upstream.status != 200:
             async with upstream:
-                try:
-                    data = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    raise _Upstream(f"{type(exc).__name__} reading the answer: {exc}") from exc
-            return web.Response(
-                status=upstream.status,
-                body=data,
-                content_type="application/json",
-                headers={"X-Request-Id": rid, "X-Llumnix-Instance": target},
-            )
+                return await self._whole_answer(upstream, target, rid)
         response = web.StreamResponse(
             status=200,
             headers={
@@ -793,6 +766,25 @@ class Gateway:
                                             headers=headers)  # fmt: skip
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError) as exc:
             raise _Upstream(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _whole_answer(
+        self, upstream: aiohttp.ClientResponse, target: str, rid: str
+    ) -> web.Response:
+        """An upstream answer read whole and passed on as it is (an error, or an answer that
+        is not streamed)."""
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _Upstream(f"{type(exc).__name__} reading the answer: {exc}") from exc
+        return web.Response(
+            status=upstream.status,
+            body=data,
+            headers={
+                "Content-Type": upstream.headers.get("Content-Type", "application/json"),
+                "X-Request-Id": rid,
+                "X-Llumnix-Instance": target,
+            },
+        )
 
     async def _pump(
         self,
